@@ -1,0 +1,41 @@
+# Set-up and the main jobs. `make demo` and `make test` create .venv/ and install first when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The torch that `make install` puts into a .venv that has none. The default is the CPU build of
+# this machine's image (pip finds it offline). On a CUDA machine this same pin takes PyPI's CUDA
+# build; GPU users may name another: make install TORCH="torch==2.15.0 torchvision==0.29.2".
+TORCH ?= torch==2.13.0
+# Demo settings: small enough to finish in minutes on 2 CPU cores.
+DEMO_DATA ?= data/imdb_sample.csv
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?= --max-len 128 --bs 16
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# 1. torch first, unless the venv has one. 2. The project with its requirements, pinned to that
+# torch so fastai's torchvision requirement cannot pull another torch (and GBs of CUDA wheels).
+# 3. fastai's text code does not use torchvision; a torchvision that does not import (PyPI's
+# wheel against a CPU-only torch) breaks transformers' model imports, so it is removed.
+$(VENV)/.installed: settings.ini setup.py | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/pip uninstall -q -y torchvision
+	$(BIN)/python -c "import ulmfit_tx, transformers, fastai; print('installed ulmfit_tx', ulmfit_tx.__version__)"
+	touch $@
+
+# The whole flow on bundled data with the offline pretrained MiniLM-L6 encoder.
+demo: install
+	$(BIN)/ulmfit-tx demo --data $(DEMO_DATA) --out $(DEMO_OUT) --force $(DEMO_ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,164 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from ulmfit_tx.cli import main
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory, sample_df):
+    "40 training and 10 validation reviews as CSV, and the same as gzipped CSV and parquet."
+    d = tmp_path_factory.mktemp("data")
+    df = pd.concat([sample_df[~sample_df.is_valid].head(40), sample_df[sample_df.is_valid].head(10)])
+    df.to_csv(d / "train.csv", index=False)
+    df.to_csv(d / "train.csv.gz", index=False)
+    df.to_parquet(d / "train.parquet")
+    return d / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, tiny_models, csv):
+    out = tmp_path_factory.mktemp("runs") / "lm"
+    assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--data", str(csv), "--out", str(out),
+                 "--max-len", "32", "--bs", "8", "--epochs", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def clf_dir(lm_dir, csv):
+    out = lm_dir.parent / "clf"
+    assert main(["train-clf", "--model", str(lm_dir), "--data", str(csv), "--out", str(out), "--max-len", "32",
+                 "--bs", "8", "--epochs", "1"]) == 0
+    return out
+
+
+def test_finetune_lm_writes_a_hugging_face_folder_and_metrics(lm_dir):
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"]:
+        assert (lm_dir / f).exists(), f
+    m = json.loads((lm_dir / "metrics.json").read_text())
+    assert m["perplexity"] > 1 and 0 <= m["masked_accuracy"] <= 1 and m["mlm_loss"] > 0
+
+
+def test_train_clf_ulmfit_writes_export_metrics_and_plots(clf_dir):
+    for f in ["export.pkl", "metrics.json", "loss.png", "confusion_matrix.png"]:
+        assert (clf_dir / f).exists(), f
+    m = json.loads((clf_dir / "metrics.json").read_text())
+    assert m["schedule"] == "ulmfit" and m["passes"] == 4 and m["epochs_per_stage"] == [1, 1, 1, 1]
+    assert 0 <= m["accuracy"] <= 1 and m["n_valid"] == 10 and m["train_time_s"] > 0 and m["valid_time_s"] > 0
+    assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("ext", ["csv.gz", "parquet"])
+def test_train_clf_one_cycle_native_head_on_other_formats(tiny_models, csv, tmp_path, ext):
+    out = tmp_path / "clf"
+    assert main(["train-clf", "--model", str(tiny_models["distilbert"]), "--data", str(csv.with_suffix("." + ext)),
+                 "--out", str(out), "--max-len", "32", "--bs", "8", "--epochs", "2", "--schedule", "one-cycle",
+                 "--head", "native"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["schedule"] == "one-cycle" and m["passes"] == 2
+    assert (out / "hf" / "config.json").exists()
+
+
+def test_train_clf_reads_an_imdb_style_folder(tiny_models, tmp_path, sample_df):
+    for i, row in sample_df.head(24).iterrows():
+        split = "test" if i % 4 == 0 else "train"
+        (tmp_path / "imdb" / split / row.label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imdb" / split / row.label / f"{i}_1.txt").write_text(row.text)
+    out = tmp_path / "clf"
+    assert main(["train-clf", "--model", str(tiny_models["albert"]), "--data", str(tmp_path / "imdb"),
+                 "--out", str(out), "--max-len", "32", "--bs", "4", "--schedule", "one-cycle"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n_valid"] == 6
+
+
+def test_predict_text_and_file(clf_dir, csv, tmp_path, capsys):
+    assert main(["predict", "--model", str(clf_dir), "--text", "a wonderful film"]) == 0
+    out = capsys.readouterr().out
+    assert "prob_neg" in out and "prob_pos" in out
+    assert main(["predict", "--model", str(clf_dir), "--data", str(csv), "--out", str(tmp_path / "p.csv")]) == 0
+    res = pd.read_csv(tmp_path / "p.csv")
+    assert len(res) == 50 and set(res.label) <= {"neg", "pos"}
+    assert ((res.prob_neg + res.prob_pos - 1).abs() < 1e-5).all()
+
+
+def test_fill_mask_and_lr_find(lm_dir, csv, tmp_path, capsys):
+    assert main(["fill-mask", "--model", str(lm_dir), "the movie was [MASK] and [MASK]", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [l.split(":")[0] for l in lines[-2:]] == ["mask 1", "mask 2"]
+    for task in ["clf", "mlm"]:
+        out = tmp_path / task
+        assert main(["lr-find", "--model", str(lm_dir), "--data", str(csv), "--out", str(out), "--task", task,
+                     "--max-len", "32", "--bs", "4"]) == 0
+        sugg = json.loads((out / "lr_find.json").read_text())
+        assert (out / "lr_find.png").exists() and set(sugg) == {"valley", "steep", "minimum"}
+
+
+def _bad(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+    return p
+
+
+@pytest.mark.parametrize("make_data,message", [
+    (lambda t, c: t / "missing.csv", "no such file"),
+    (lambda t, c: _bad(t, "empty.csv", ""), "file is empty"),
+    (lambda t, c: _bad(t, "header.csv", "text,label\n"), "header but no rows"),
+    (lambda t, c: _bad(t, "bad.csv.gz", b"not gzip at all"), "cannot be read"),
+    (lambda t, c: _bad(t, "data.xlsx", "x"), "unknown file type"),
+    (lambda t, c: _bad(t, "notext.csv", "review,label\nok,pos\nbad,neg\n"), "missing column 'text'"),
+    (lambda t, c: _bad(t, "nolabel.csv", "text,y\nok,pos\nbad,neg\n"), "missing column 'label'"),
+    (lambda t, c: _bad(t, "blank.csv", "text,label\nok,pos\n  ,neg\nfine,neg\n"), "1 row.*empty"),
+    (lambda t, c: _bad(t, "numbers.csv", "text,label\n1,pos\n2,neg\n"), "2 row.*not text"),
+    (lambda t, c: _bad(t, "one.csv", "text,label\nok,pos\nfine,pos\n"), "single class"),
+])
+def test_bad_data_gives_one_line_errors(tiny_models, tmp_path, capsys, make_data, message, csv):
+    out = tmp_path / "out"
+    rc = main(["train-clf", "--model", str(tiny_models["bert"]), "--data", str(make_data(tmp_path, csv)),
+               "--out", str(out), "--max-len", "32"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "error:" in err
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_bad_model_and_options(tiny_models, csv, tmp_path, capsys):
+    def run(*args):
+        rc = main(list(map(str, args)))
+        return rc, capsys.readouterr().err
+    rc, err = run("train-clf", "--model", tmp_path, "--data", csv, "--out", tmp_path / "o")
+    assert rc == 2 and "not a Hugging Face model folder" in err
+    rc, err = run("train-clf", "--model", tiny_models["bert"], "--data", csv, "--out", tmp_path / "o", "--max-len", 600)
+    assert rc == 2 and "max_len 600 is larger" in err
+    rc, err = run("train-clf", "--model", tiny_models["bert"], "--data", csv, "--out", tmp_path / "o",
+                  "--valid-col", "split")
+    assert rc == 2 and "missing column 'split'" in err
+    rc, err = run("predict", "--model", tmp_path, "--text", "hi")
+    assert rc == 2 and "no export.pkl" in err
+    rc, err = run("fill-mask", "--model", tiny_models["bert"], "no mask here")
+    assert rc == 2 and "no mask" in err
+
+
+def test_existing_output_is_refused_then_replaced_with_force_and_kept_on_failure(clf_dir, lm_dir, csv, capsys,
+                                                                                  monkeypatch):
+    before = (clf_dir / "export.pkl").read_bytes()
+    args = ["train-clf", "--model", str(lm_dir), "--data", str(csv), "--out", str(clf_dir), "--max-len", "32",
+            "--bs", "8", "--schedule", "one-cycle"]
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    import ulmfit_tx.plots
+    def boom(*a, **k): raise RuntimeError("disk full")
+    monkeypatch.setattr(ulmfit_tx.plots, "plot_confusion", boom)
+    with pytest.raises(RuntimeError): main(args + ["--force"])
+    assert (clf_dir / "export.pkl").read_bytes() == before            # the old export is untouched
+    assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    monkeypatch.undo()
+    assert main(args + ["--force"]) == 0
+    assert json.loads((clf_dir / "metrics.json").read_text())["schedule"] == "one-cycle"
+
+
+def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "ulmfit_tx.cli", "train-clf", "--model", "m", "--data",
+                          str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "no such file" in res.stderr

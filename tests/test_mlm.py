@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from ulmfit_tx import HFTokenizer, MaskTokens, lm_blocks, mask_tokens, mlm_dataloaders
+from ulmfit_tx.tokenize import word_start_table
+
+
+def _batch(tfm, texts, left=False):
+    ids = [torch.as_tensor(x, dtype=torch.long) for x in tfm.encode_batch(texts)]
+    n = max(map(len, ids))
+    pad = lambda x: torch.cat([x.new_full((n - len(x),), tfm.pad_id), x] if left else [x, x.new_full((n - len(x),), tfm.pad_id)])
+    return torch.stack([pad(x) for x in ids])
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_masking_statistics(bert_dir, sample_df, left):
+    torch.manual_seed(0)
+    tfm = HFTokenizer(bert_dir, max_len=128)
+    ids = _batch(tfm, sample_df.text[:200], left)
+    mt = MaskTokens(tfm)
+    masked, labels, labels2 = mt((ids,))
+    assert labels is labels2
+    special = torch.isin(ids, mt.special_ids)
+    chosen = labels != -100
+    real = (~special).sum().item()
+    assert abs(chosen.sum().item() / real - 0.15) < 0.01           # 15% of real tokens, not of padded length
+    assert not (chosen & special).any()                             # never specials or padding
+    assert torch.equal(labels[chosen], ids[chosen])                 # labels are the original ids
+    assert torch.equal(masked[~chosen], ids[~chosen])               # nothing else changes
+    n = chosen.sum().item()
+    is_mask = (masked == tfm.tok.mask_token_id) & chosen
+    same = (masked == ids) & chosen
+    rand = chosen & ~is_mask & ~same
+    assert abs(is_mask.sum().item() / n - 0.8) < 0.03
+    assert abs(rand.sum().item() / n - 0.1) < 0.03                  # random tokens (a few may equal the original)
+    assert abs(same.sum().item() / n - 0.1) < 0.03
+    assert not torch.isin(masked[rand], mt.special_ids).any()       # random replacements are never special
+
+
+def test_masking_fractions_are_configurable(bert_dir, sample_df):
+    tfm = HFTokenizer(bert_dir, max_len=128)
+    ids = _batch(tfm, sample_df.text[:100])
+    masked, labels, _ = MaskTokens(tfm, mlm_prob=0.3, mask_frac=1.0, random_frac=0.0)((ids,))
+    chosen = labels != -100
+    assert abs(chosen.sum().item() / (~torch.isin(ids, MaskTokens(tfm).special_ids)).sum().item() - 0.3) < 0.02
+    assert (masked[chosen] == tfm.tok.mask_token_id).all()
+
+
+def test_every_sequence_gets_a_prediction(bert_dir):
+    tfm = HFTokenizer(bert_dir, max_len=16)
+    ids = _batch(tfm, ["hi", "ok then"] * 50)
+    _, labels, _ = MaskTokens(tfm)((ids,))
+    assert ((labels != -100).sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "albert"])
+def test_whole_word_masking_chooses_all_pieces_of_a_word(tiny_models, sample_df, arch):
+    torch.manual_seed(0)
+    tfm = HFTokenizer(tiny_models[arch], max_len=128)
+    ids = _batch(tfm, sample_df.text[:50])
+    _, labels, _ = MaskTokens(tfm, whole_word=True)((ids,))
+    starts = word_start_table(tfm.tok)[ids]
+    chosen = labels != -100
+    cont = ~starts & ~torch.isin(ids, MaskTokens(tfm).special_ids)  # continuation pieces
+    prev = torch.roll(chosen, 1, dims=1)
+    assert cont.any() and torch.equal(chosen[cont], prev[cont])       # a piece is chosen iff the one before it is
+
+
+def test_blocks_and_docs_dataloaders(bert_dir, sample_df):
+    tfm = HFTokenizer(bert_dir, max_len=32)
+    blocks = lm_blocks(tfm, sample_df.text[:20])
+    total = sum(len(x) + 1 for x in tfm.token_ids(sample_df.text[:20]))
+    assert all(len(b) == 32 and b[0] == tfm.tok.cls_token_id and b[-1] == tfm.tok.sep_token_id for b in blocks)
+    assert len(blocks) == total // 30
+    dls = mlm_dataloaders(sample_df.text[:40], bert_dir, max_len=32, bs=8)
+    x, lab, y = dls.one_batch()
+    assert x.shape == (8, 32) and torch.equal(lab, y) and dls.n_inp == 2
+    dls.show_batch(max_n=2)
+    docs = mlm_dataloaders(sample_df.text[:40], bert_dir, max_len=64, mode="docs", bs=4)
+    x, _, _ = docs.one_batch()
+    assert x.shape[0] == 4 and x.shape[1] <= 64
+
+
+def test_mask_tokens_function_is_vectorised_over_the_batch():
+    ids = torch.randint(5, 100, (64, 50))
+    masked, labels = mask_tokens(ids, torch.tensor([0, 1, 2, 3, 4]), 4, torch.arange(5, 100))
+    assert masked.shape == labels.shape == ids.shape

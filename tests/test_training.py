@@ -1,0 +1,111 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+
+from ulmfit_tx import (UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders, mlm_learner,
+                       set_precision, ulmfit_lrs)
+from ulmfit_tx.learner import default_precision
+
+
+def keyword_task(n=96, seed=0):
+    "Texts whose label is given by one keyword among filler words: learnable in a few epochs."
+    rng = np.random.default_rng(seed)
+    filler = "the a movie film plot actor scene story it was and of to in this that".split()
+    rows = []
+    for i in range(n):
+        label = ["neg", "pos"][i % 2]
+        words = list(rng.choice(filler, 12))
+        words.insert(int(rng.integers(0, 12)), "wonderful" if label == "pos" else "terrible")
+        rows.append((" ".join(words), label, i >= n * 3 // 4))
+    return pd.DataFrame(rows, columns=["text", "label", "is_valid"])
+
+
+class Track(Callback):
+    "Records, at the first batch of each fit, how many parameters train and the learning rate of every group."
+    order = 70  # after fastai's ParamScheduler has set the rates
+
+    def __init__(self): self.trainable, self.lrs = [], []
+
+    def before_batch(self):
+        if self.training and self.epoch == 0 and self.iter == 0:
+            self.trainable.append(sum(p.requires_grad for p in self.model.parameters()))
+            self.lrs.append([h["lr"] for h in self.opt.hypers])
+
+
+def test_classifier_learns_a_keyword_task(bert_dir):
+    torch.manual_seed(0)
+    dls = clas_dataloaders(keyword_task(), bert_dir, max_len=32, bs=8)
+    learn = classifier_learner(dls, bert_dir)
+    learn.unfreeze()
+    first = learn.validate()[0]
+    learn.fit_one_cycle(8, 3e-3)
+    loss, acc = learn.validate()
+    assert loss < first * 0.5 and acc >= 0.9
+
+
+def test_mlm_loss_decreases(bert_dir):
+    torch.manual_seed(0)
+    texts = ["the movie was good and the actor was great"] * 60 + ["the plot was bad and the story was weak"] * 60
+    dls = mlm_dataloaders(texts, bert_dir, max_len=32, bs=8, mode="docs")
+    learn = mlm_learner(dls, bert_dir)
+    before = learn.validate()
+    learn.fit_one_cycle(15, 3e-3)
+    after = learn.validate()
+    assert after[0] < before[0] * 0.3 and after[2] < before[2] and after[1] > before[1]  # loss, ppl down; acc up
+    first, second = learn.fill_mask("the [MASK] was bad and the actor was [MASK]")
+    assert "plot" in [t for t, _ in first[:2]] and "great" in [t for t, _ in second[:2]]
+
+
+def test_fit_ulmfit_unfreezes_gradually_with_discriminative_rates(bert_dir, small_df):
+    dls = clas_dataloaders(small_df, bert_dir, max_len=32, bs=8)
+    track = Track()
+    learn = classifier_learner(dls, bert_dir, cbs=track)
+    n_groups = len(learn.opt.param_lists)
+    sizes = [sum(1 for _ in g) for g in learn.opt.param_lists]
+    fit_ulmfit(learn, lr=1e-3, epochs=1, div=2.6, stage_div=2.0)
+    assert track.trainable == [sum(sizes[-1:]), sum(sizes[-2:]), sum(sizes[-3:]), sum(sizes)]
+    for stage, lrs in enumerate(track.lrs):
+        want = 1e-3 / 2 ** stage / 2.6 ** np.arange(n_groups - 1, -1, -1)
+        np.testing.assert_allclose(np.array(lrs) * 25, want, rtol=1e-6)  # one-cycle starts at lr_max/25
+
+
+def test_ulmfit_lrs_and_stage_errors(bert_dir, small_df):
+    learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32), bert_dir)
+    lrs = ulmfit_lrs(learn, 1e-2)
+    assert len(lrs) == len(learn.opt.param_lists) and lrs[-1] == 1e-2 and np.allclose(lrs[1:] / lrs[:-1], 2.6)
+    with pytest.raises(UlmfitError, match="3 epoch counts for 4 stages"): fit_ulmfit(learn, epochs=(1, 1, 1))
+
+
+@pytest.mark.parametrize("task", ["clf", "mlm"])
+def test_lr_find_runs_on_both_learners(bert_dir, small_df, task):
+    if task == "clf": learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32, bs=4), bert_dir)
+    else: learn = mlm_learner(mlm_dataloaders(small_df, bert_dir, max_len=32, bs=4), bert_dir)
+    res = learn.lr_find(num_it=15, show_plot=False)
+    assert 1e-7 < res.valley < 10
+
+
+def test_precision_choice(bert_dir, small_df):
+    learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32), bert_dir)
+    assert default_precision() == ("fp32" if not torch.cuda.is_available() else default_precision())
+    if not torch.cuda.is_available(): assert not any(isinstance(c, MixedPrecision) for c in learn.cbs)
+    assert any(isinstance(c, MixedPrecision) for c in set_precision(learn, "bf16").cbs)
+    with pytest.raises(UlmfitError, match="precision"): set_precision(learn, "fp8")
+
+
+def test_model_errors(tiny_models, small_df, tmp_path):
+    dls = clas_dataloaders(small_df, tiny_models["bert"], max_len=256)
+    with pytest.raises(UlmfitError, match="max_len 256 is larger than .*128 positions"):
+        classifier_learner(dls, tiny_models["bert"])
+    rob = clas_dataloaders(small_df, tiny_models["roberta"], max_len=32)
+    small_vocab = tmp_path / "small"
+    from transformers import AutoModelForMaskedLM
+    m = AutoModelForMaskedLM.from_pretrained(tiny_models["bert"])
+    m.resize_token_embeddings(100)
+    m.save_pretrained(small_vocab)
+    with pytest.raises(UlmfitError, match="tokenizer has 600 tokens but the model's vocabulary 100"):
+        classifier_learner(rob, small_vocab)
+    (tmp_path / "file.bin").write_text("x")
+    with pytest.raises(UlmfitError, match="is a file"): classifier_learner(rob, tmp_path / "file.bin")

@@ -1,0 +1,13 @@
+"ulmfit_tx: the ULMFiT recipe for Hugging Face transformers inside fastai."
+__version__ = "0.1.0"
+
+from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, max_positions, register_arch
+from .data import HFTextBlock, PadTokens, TokenSortedDL, clas_dataloaders
+from .errors import UlmfitError
+from .io import read_data, read_folder, read_table
+from .learner import (ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner, set_precision,
+                      ulmfit_lrs)
+from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, lm_blocks, mask_tokens, mlm_dataloaders, mlm_loss
+from .models import MaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
+from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer
+from . import show  # noqa: F401 (registers show_results for text)

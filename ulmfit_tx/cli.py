@@ -1,0 +1,264 @@
+"""The `ulmfit-tx` command line: the same flows as the Python API (MLM fine-tuning, classifier
+training, prediction, fill-mask, learning-rate finder), with progress bars, metrics and plots."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DEFAULT_LR = {"mlm": 2e-4, "ulmfit": 2e-3, "one-cycle": 1e-4}
+
+
+def _data_args(p, labels: bool = True):
+    "Options shared by the commands that read training data."
+    p.add_argument("--model", required=True, help="model folder (save_pretrained layout) or hub name")
+    p.add_argument("--data", required=True, help="CSV (.csv, .csv.gz), TSV or parquet file" + (
+        ", or a folder laid out as train/<label>/*.txt" if labels else ""))
+    p.add_argument("--text-col", default="text", help="column with the texts (default: text)")
+    if labels:
+        p.add_argument("--label-col", default="label", help="column with the labels (default: label)")
+        p.add_argument("--valid-col", default="is_valid",
+                       help="boolean column marking validation rows (default: is_valid; random 20%% split if absent)")
+        p.add_argument("--truncate", default="head", choices=["head", "head+tail"],
+                       help="keep the start of long texts, or the start and the end")
+    p.add_argument("--max-len", type=int, default=256 if labels else 128, help="tokens per text or block")
+    p.add_argument("--bs", type=int, default=16, help="batch size")
+    p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU")
+
+
+def _out_args(p):
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ulmfit-tx", description=__doc__)
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune-lm", help="fine-tune an encoder as a masked language model on your texts")
+    _data_args(p, labels=False)
+    _out_args(p)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=_DEFAULT_LR["mlm"])
+    p.add_argument("--mode", default="blocks", choices=["blocks", "docs"], help="concatenate into blocks, or one item per text")
+    p.add_argument("--mlm-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
+    p.add_argument("--whole-word", action="store_true", help="choose whole words")
+    p.add_argument("--valid-pct", type=float, default=0.1, help="share of texts held out for the metrics")
+    p.add_argument("--max-rows", type=int, help="use only the first N texts")
+
+    p = sub.add_parser("train-clf", help="train a classifier on top of an encoder (ULMFiT schedule by default)")
+    _data_args(p)
+    _out_args(p)
+    p.add_argument("--epochs", type=int, default=1,
+                   help="one-cycle: epochs of the single fit; ulmfit: epochs of the last (all layers) stage")
+    p.add_argument("--lr", type=float, help="ulmfit: head learning rate of stage 1 (default 2e-3); one-cycle: 1e-4")
+    p.add_argument("--schedule", default="ulmfit", choices=["ulmfit", "one-cycle"])
+    p.add_argument("--head", default="pooling", choices=["pooling", "native"],
+                   help="ULMFiT concat-pooling head, or the architecture's own (also saved as a HF folder)")
+
+    p = sub.add_parser("predict", help="labels and probabilities from an exported classifier")
+    p.add_argument("--model", required=True, help="folder written by train-clf (holds export.pkl)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="CSV/parquet file of texts")
+    src.add_argument("--text", help="one text")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--out", help="CSV file to write (default: print)")
+    p.add_argument("--bs", type=int, default=64)
+
+    p = sub.add_parser("fill-mask", help="top-k tokens for every [MASK] or <mask> in a sentence")
+    p.add_argument("--model", required=True, help="MLM model folder (e.g. from finetune-lm) or hub name")
+    p.add_argument("text")
+    p.add_argument("--top-k", type=int, default=5)
+
+    p = sub.add_parser("lr-find", help="fastai's learning-rate finder: suggestions and a PNG plot")
+    _data_args(p)
+    _out_args(p)
+    p.add_argument("--task", default="clf", choices=["clf", "mlm"])
+    return ap
+
+
+def _quiet_libraries(debug: bool):
+    "Keep transformers' load reports out of the console unless --debug."
+    import transformers
+    if not debug: transformers.logging.set_verbosity_error()
+    try: transformers.utils.logging.disable_progress_bar()
+    except AttributeError: pass
+
+
+def _write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _seed(seed: int):
+    from fastai.torch_core import set_seed
+    set_seed(seed, reproducible=True)
+
+
+def finetune_lm(a):
+    from .io import atomic_dir, check_out_dir, read_data
+    from .learner import mlm_learner
+    from .mlm import mlm_dataloaders
+    from .plots import LossHistory, plot_losses
+    check_out_dir(a.out, a.force)
+    _seed(a.seed)
+    df = read_data(a.data)
+    if a.max_rows: df = df.iloc[: a.max_rows]
+    dls = mlm_dataloaders(df, a.model, a.text_col, a.max_len, a.mode, a.valid_pct, a.seed, a.bs,
+                          mlm_prob=a.mlm_prob, whole_word=a.whole_word)
+    hist = LossHistory()
+    learn = mlm_learner(dls, a.model, precision=a.precision, cbs=hist)
+    t0 = time.time()
+    learn.fit_one_cycle(a.epochs, a.lr)
+    train_time = time.time() - t0
+    loss, acc, ppl = learn.validate()
+    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=a.max_len,
+                   n_train_blocks=len(dls.train_ds), n_valid_blocks=len(dls.valid_ds), train_time_s=train_time)
+    with atomic_dir(a.out, a.force) as tmp:
+        learn.model.hf.save_pretrained(tmp)
+        learn.tokenizer.tok.save_pretrained(tmp)
+        _write_json(tmp / "metrics.json", metrics)
+        plot_losses(hist, tmp / "loss.png")
+    print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
+    return metrics
+
+
+def train_clf(a):
+    from .data import clas_dataloaders
+    from .io import atomic_dir, check_out_dir
+    from .learner import classifier_learner, fit_ulmfit
+    from .plots import LossHistory, plot_confusion, plot_losses
+    check_out_dir(a.out, a.force)
+    _seed(a.seed)
+    dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
+                           truncate=a.truncate, bs=a.bs)
+    hist = LossHistory()
+    learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
+    lr = a.lr or _DEFAULT_LR[a.schedule]
+    t0 = time.time()
+    if a.schedule == "ulmfit":
+        epochs = (1, 1, 1, a.epochs)
+        fit_ulmfit(learn, lr, epochs)
+    else:
+        epochs = (a.epochs,)
+        learn.unfreeze()
+        learn.fit_one_cycle(a.epochs, lr)
+    train_time = time.time() - t0
+    t0 = time.time()
+    valid_loss, acc = learn.validate()
+    valid_time = time.time() - t0
+    metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
+                   passes=sum(epochs), lr=lr, head=a.head, max_len=a.max_len, bs=a.bs, n_train=len(dls.train_ds),
+                   n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab], train_time_s=train_time,
+                   valid_time_s=valid_time, train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
+    with atomic_dir(a.out, a.force) as tmp:
+        learn.path = tmp
+        learn.export("export.pkl")
+        _write_json(tmp / "metrics.json", metrics)
+        plot_losses(hist, tmp / "loss.png")
+        plot_confusion(learn, tmp / "confusion_matrix.png")
+        if a.head == "native":
+            learn.model.hf.save_pretrained(tmp / "hf")
+            learn.tokenizer.tok.save_pretrained(tmp / "hf")
+    print(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
+          f"{sum(epochs)} passes in {train_time:.0f}s -> {a.out}")
+    return metrics
+
+
+def _load_export(folder):
+    from fastai.learner import load_learner
+
+    from .errors import UlmfitError
+    path = Path(folder) / "export.pkl" if Path(folder).is_dir() else Path(folder)
+    if not path.exists(): raise UlmfitError(f"{folder}: no export.pkl (write one with train-clf or learn.export())")
+    try:
+        with warnings.catch_warnings():  # fastai warns that pickles run code: this is the user's own export
+            warnings.simplefilter("ignore")
+            return load_learner(path)
+    except Exception as e: raise UlmfitError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def predict(a):
+    from .io import read_data
+    learn = _load_export(a.model)
+    if a.text is not None:
+        res = learn.predict_texts([a.text])
+        print(res.to_string(index=False))
+        return res
+    from .errors import check_texts
+    df = read_data(a.data)
+    check_texts(df, a.text_col)
+    res = learn.predict_texts(df[a.text_col], bs=a.bs)
+    if a.out:
+        tmp = Path(a.out).with_name(Path(a.out).name + ".tmp")
+        res.insert(0, a.text_col, df[a.text_col].values)
+        res.to_csv(tmp, index=False)
+        os.replace(tmp, a.out)
+        print(f"{len(res)} predictions -> {a.out}")
+    else: print(res.to_string())
+    return res
+
+
+def fill_mask_cmd(a):
+    from .mlm import fill_mask
+    from .models import masked_lm_model
+    from .tokenize import HFTokenizer
+    tfm = HFTokenizer(a.model)
+    res = fill_mask(masked_lm_model(a.model, tfm.tok), tfm, a.text, a.top_k)
+    for i, cands in enumerate(res, 1):
+        print(f"mask {i}: " + ", ".join(f"{t} ({p:.3f})" for t, p in cands))
+    return res
+
+
+def lr_find_cmd(a):
+    from .io import atomic_dir, check_out_dir
+    from .plots import plot_lr_find
+    check_out_dir(a.out, a.force)
+    _seed(a.seed)
+    if a.task == "mlm":
+        from .learner import mlm_learner
+        from .mlm import mlm_dataloaders
+        learn = mlm_learner(mlm_dataloaders(a.data, a.model, a.text_col, a.max_len, bs=a.bs, seed=a.seed), a.model,
+                            precision=a.precision)
+    else:
+        from .data import clas_dataloaders
+        from .learner import classifier_learner
+        dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
+                               truncate=a.truncate, bs=a.bs)
+        learn = classifier_learner(dls, a.model, precision=a.precision)
+    with atomic_dir(a.out, a.force) as tmp:
+        sugg = plot_lr_find(learn, tmp / "lr_find.png")
+        _write_json(tmp / "lr_find.json", sugg)
+    print("suggested learning rates: " + ", ".join(f"{k} {v:.2e}" for k, v in sugg.items()) + f" -> {a.out}")
+    return sugg
+
+
+COMMANDS = {"finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
+            "lr-find": lr_find_cmd}
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from .errors import UlmfitError
+    try:
+        _quiet_libraries(a.debug)
+        COMMANDS[a.command](a)
+    except (UlmfitError, FileNotFoundError, PermissionError) as e:
+        if a.debug: raise
+        print(f"ulmfit-tx {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__": sys.exit(main())

@@ -1,0 +1,60 @@
+"The error users see for bad input, and the checks that raise it."
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = ["UlmfitError", "check_columns", "check_texts", "check_labels", "check_max_len"]
+
+
+class UlmfitError(ValueError):
+    "Bad input named in one line: the CLI prints it without a traceback."
+
+
+def _rows(idx, n_show: int = 5) -> str:
+    "A short list of row labels, e.g. `3, 17, 40 and 12 more`."
+    idx = list(idx)
+    shown = ", ".join(map(str, idx[:n_show]))
+    return shown + (f" and {len(idx) - n_show} more" if len(idx) > n_show else "")
+
+
+def check_columns(df: pd.DataFrame, cols, what: str = "data"):
+    "Raise if any of `cols` is missing from `df`, naming the columns it has."
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise UlmfitError(f"{what}: missing column {', '.join(map(repr, missing))}; "
+                          f"the columns are {', '.join(map(repr, map(str, df.columns)))}")
+
+
+def check_texts(df: pd.DataFrame, text_col: str, what: str = "data"):
+    "Raise if `df` has no rows, or if any `text_col` value is not a string or is blank."
+    check_columns(df, [text_col], what)
+    if len(df) == 0: raise UlmfitError(f"{what}: no rows")
+    col = df[text_col]
+    not_str = col.map(lambda o: not isinstance(o, str))
+    if not_str.any():
+        raise UlmfitError(f"{what}: {int(not_str.sum())} row(s) of column {text_col!r} are not text "
+                          f"(rows {_rows(df.index[not_str])})")
+    blank = col.str.strip().eq("")
+    if blank.any():
+        raise UlmfitError(f"{what}: {int(blank.sum())} row(s) of column {text_col!r} are empty "
+                          f"(rows {_rows(df.index[blank])})")
+
+
+def check_labels(df: pd.DataFrame, label_col: str, what: str = "data"):
+    "Raise if labels are missing or there is only one class."
+    check_columns(df, [label_col], what)
+    na = df[label_col].isna() | df[label_col].astype(str).str.strip().eq("")
+    if na.any():
+        raise UlmfitError(f"{what}: {int(na.sum())} row(s) have no label in column {label_col!r} "
+                          f"(rows {_rows(df.index[na])})")
+    classes = df[label_col].unique()
+    if len(classes) < 2:
+        raise UlmfitError(f"{what}: column {label_col!r} has a single class ({classes[0]!r}); "
+                          "a classifier needs at least two")
+
+
+def check_max_len(max_len: int, limit: int, model: str = "the model"):
+    "Raise if `max_len` exceeds the positions `model` has."
+    if max_len > limit:
+        raise UlmfitError(f"max_len {max_len} is larger than {model} supports ({limit} positions)")
+    if max_len < 8: raise UlmfitError(f"max_len {max_len} is too small (at least 8)")

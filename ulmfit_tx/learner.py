@@ -1,0 +1,160 @@
+"""fastai Learners for transformers: the MLM learner (ULMFiT's stage 2), the classifier learner
+(stage 3) and the gradual-unfreezing schedule with discriminative learning rates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
+import torch
+from fastai.learner import Learner
+from fastai.metrics import accuracy
+from fastai.optimizer import Adam
+
+from .archs import clas_splitter, lm_splitter, max_positions
+from .errors import UlmfitError, check_max_len
+from .io import atomic_dir
+from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
+from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
+from .tokenize import HFTokenizer, find_tokenizer
+
+__all__ = ["default_precision", "set_precision", "HFLearner", "MLMLearner", "ClassifierLearner", "mlm_learner",
+           "classifier_learner", "ulmfit_lrs", "fit_ulmfit"]
+
+
+def default_precision() -> str:
+    "bf16 mixed precision on a CUDA GPU that has it, fp16 on other CUDA GPUs, float32 on the CPU."
+    if not torch.cuda.is_available(): return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def set_precision(learn: Learner, precision: str = "auto") -> Learner:
+    "Apply `precision` ('auto', 'fp32', 'fp16', 'bf16') with fastai's mixed-precision callbacks."
+    precision = default_precision() if precision == "auto" else precision
+    if precision == "fp16": return learn.to_fp16()
+    if precision == "bf16": return learn.to_bf16()
+    if precision != "fp32": raise UlmfitError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    return learn
+
+
+class HFLearner(Learner):
+    "A `Learner` whose model wraps a Hugging Face model (`learn.model.hf`) and whose data carry an `HFTokenizer`."
+
+    @property
+    def tokenizer(self) -> HFTokenizer: return find_tokenizer(self.dls)
+
+    def save_pretrained(self, path, force: bool = False) -> Path:
+        "Write the model and tokenizer as a Hugging Face folder (safetensors), atomically."
+        with atomic_dir(path, force) as tmp:
+            self.model.hf.save_pretrained(tmp)
+            self.tokenizer.tok.save_pretrained(tmp)
+        return Path(path)
+
+
+class MLMLearner(HFLearner):
+    "Learner for masked-language-model fine-tuning."
+
+    def fill_mask(self, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
+        "Top-`k` tokens with probabilities for every [MASK] (or <mask>) in `text`."
+        return fill_mask(self.model, self.tokenizer, text, k)
+
+
+class ClassifierLearner(HFLearner):
+    "Learner for text classification; `predict` and `predict_texts` take raw text."
+
+    def predict_texts(self, texts, bs: int = 64) -> pd.DataFrame:
+        "Labels and class probabilities of many texts: tokenized in one call, run in length-sorted batches."
+        texts = texts.tolist() if isinstance(texts, pd.Series) else list(texts)
+        ids = self.tokenizer.encode_batch(texts)
+        dl = self.dls.test_dl(ids, bs=bs, val_res=[len(o) for o in ids])
+        probs = self.get_preds(dl=dl)[0]                                  # back in input order
+        vocab = list(self.dls.vocab)
+        out = pd.DataFrame(probs.numpy(), columns=[f"prob_{c}" for c in vocab])
+        out.insert(0, "label", [vocab[i] for i in probs.argmax(1).tolist()])
+        return out
+
+    def save_pretrained(self, path, force: bool = False) -> Path:
+        "A Hugging Face folder loadable by `AutoModelForSequenceClassification` (native head only)."
+        if self.model.head is not None:
+            raise UlmfitError("the pooling head is ulmfit_tx's own: build the learner with head='native' to save "
+                              "a folder for AutoModelForSequenceClassification, or use learn.export()")
+        return super().save_pretrained(path, force)
+
+
+def _check_len(tfm: HFTokenizer, model):
+    check_max_len(tfm.max_len, max_positions(model.hf.config), f"model type {model.hf.config.model_type!r}")
+
+
+def mlm_learner(
+    dls,                           # DataLoaders from `mlm_dataloaders`
+    model,                         # Model folder, hub name, Hugging Face model, or `MaskedLM`
+    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
+    metrics=None,                  # Default: masked-token accuracy and perplexity
+    wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
+    **kwargs,                      # Passed to `Learner`
+) -> MLMLearner:
+    "A fastai Learner that fine-tunes a masked language model on `dls`."
+    tfm = find_tokenizer(dls)
+    if not isinstance(model, MaskedLM): model = masked_lm_model(model, tfm.tok)
+    _check_len(tfm, model)
+    metrics = [MaskedAccuracy(), MaskedPerplexity()] if metrics is None else metrics
+    learn = MLMLearner(dls, model, loss_func=mlm_loss, opt_func=Adam, splitter=splitter, metrics=metrics, wd=wd,
+                       wd_bn_bias=False, train_bn=False, **kwargs)
+    return set_precision(learn, precision)
+
+
+def classifier_learner(
+    dls,                           # DataLoaders from `clas_dataloaders` (or a DataBlock with `HFTextBlock`)
+    model,                         # Model folder (e.g. the MLM fine-tuned one), hub name, or `SequenceClassifier`
+    head: str = "pooling",         # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
+    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
+    metrics=accuracy,              # fastai metrics
+    wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
+    lin_ftrs: list | None = None,  # Pooling head: hidden layer sizes (default [50])
+    ps: list | None = None,        # Pooling head: dropout per hidden layer
+    output_p: float = 0.1,         # Pooling head: dropout on the pooled features
+    freeze: bool = True,           # Start with only the head trainable, as fastai's `text_classifier_learner`
+    **kwargs,                      # Passed to `Learner`
+) -> ClassifierLearner:
+    """A fastai Learner that classifies texts with a transformer encoder, ready for `fit_ulmfit`, or for
+    `fit_one_cycle` (head only while frozen; call `learn.unfreeze()` to train every layer)."""
+    tfm = find_tokenizer(dls)
+    if not isinstance(model, SequenceClassifier):
+        head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
+        model = classifier_model(model, tfm.tok, len(dls.vocab), head, labels=dls.vocab, **head_kw)
+    _check_len(tfm, model)
+    learn = ClassifierLearner(dls, model, opt_func=Adam, splitter=splitter, metrics=metrics, wd=wd,
+                              wd_bn_bias=False, train_bn=False, **kwargs)
+    if freeze: learn.freeze()
+    return set_precision(learn, precision)
+
+
+def ulmfit_lrs(learn: Learner, lr: float, div: float = 2.6) -> np.ndarray:
+    "One learning rate per parameter group: `lr` for the last, divided by `div` for each group below it."
+    if learn.opt is None: learn.create_opt()
+    n = len(learn.opt.param_lists)
+    return lr / div ** np.arange(n - 1, -1, -1)
+
+
+def fit_ulmfit(
+    learn: Learner,
+    lr: float = 2e-3,              # Learning rate of the last group in the first stage
+    epochs=(1, 1, 1, 2),           # Epochs of each stage (an int: the same for every stage)
+    depths=(1, 2, 3, None),        # Groups trained in each stage, from the top; None: all (`unfreeze`)
+    div: float = 2.6,              # Discriminative factor between consecutive groups
+    stage_div: float = 2.0,        # Each stage's `lr` is the previous one's divided by this
+    **kwargs,                      # Passed to `fit_one_cycle` (e.g. `moms`, `cbs`)
+) -> Learner:
+    """ULMFiT's gradual unfreezing: train the last group, then the last two, then three, then all,
+    each with `fit_one_cycle` and discriminative learning rates. The same as running, per stage,
+    `learn.freeze_to(-n); learn.fit_one_cycle(e, ulmfit_lrs(learn, lr))`."""
+    epochs = [epochs] * len(depths) if isinstance(epochs, int) else list(epochs)
+    if len(epochs) != len(depths): raise UlmfitError(f"{len(epochs)} epoch counts for {len(depths)} stages")
+    for i, (n, e) in enumerate(zip(depths, epochs)):
+        if n is None: learn.unfreeze()
+        else: learn.freeze_to(-n)
+        learn.fit_one_cycle(e, ulmfit_lrs(learn, lr / stage_div ** i, div), **kwargs)
+    return learn

@@ -1,0 +1,175 @@
+"""The modules fastai trains: Hugging Face models wrapped to take `TensorText` ids (the attention
+mask is read from the padding), and ULMFiT's pooling classifier head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fastai.layers import LinBnDrop
+from torch import nn
+from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          PreTrainedModel)
+
+from .archs import ARCHS
+from .errors import UlmfitError
+
+__all__ = ["model_source", "load_hf", "PortableHF", "MaskedLM", "PoolingClassifierHead", "SequenceClassifier",
+           "masked_lm_model", "classifier_model"]
+
+AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
+def model_source(src) -> str:
+    "Check that `src` is a Hugging Face model folder, or else pass it on as a hub name."
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir(): raise UlmfitError(f"{src}: is a file; expected a model folder (config.json, weights, tokenizer)")
+        if not (p / "config.json").exists():
+            raise UlmfitError(f"{src}: not a Hugging Face model folder (no config.json); "
+                              "give a folder written by save_pretrained, or a hub name")
+        return str(p)
+    if str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+        raise UlmfitError(f"{src}: no such model folder")
+    return str(src)
+
+
+def load_hf(src, family: str = "base", **kwargs) -> PreTrainedModel:
+    "Load a model folder or hub name with the Auto class of `family` (base, masked_lm, sequence_classification)."
+    if isinstance(src, PreTrainedModel): return src
+    src = model_source(src)
+    try: return AUTO[family].from_pretrained(src, **kwargs)
+    except Exception as e:
+        where = "model folder" if Path(src).exists() else "local folder, nor a hub model reachable from here"
+        raise UlmfitError(f"{src}: cannot be loaded as a {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _base_kwargs(model_type: str) -> dict:
+    "Keyword arguments that build a base model without the pooler we do not use."
+    spec = ARCHS.get(model_type)
+    return {"add_pooling_layer": False} if spec and spec.has_pooler else {}
+
+
+class PortableHF(nn.Module):
+    """Base of the modules that wrap a Hugging Face model as `self.hf`. They pickle it (in
+    `learn.export()`) as its config and weights and rebuild it on load with the Auto classes, so an
+    export does not depend on pickled transformers objects."""
+    hf_family, hf_kwargs = "base", {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        modules = dict(state["_modules"])
+        hf = modules.pop("hf")
+        state["_modules"] = modules
+        state["_hf"] = {"config": hf.config.to_dict(), "weights": hf.state_dict()}
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("_hf")
+        super().__setstate__(state)
+        cfg = saved["config"]
+        config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+        hf = AUTO[self.hf_family].from_config(config, **self.hf_kwargs)
+        hf.load_state_dict(saved["weights"])
+        self.hf = hf.eval()
+
+
+class MaskedLM(PortableHF):
+    "A Hugging Face masked-LM model that takes ids; given `labels`, it runs the MLM head only where labels != -100."
+    hf_family = "masked_lm"
+
+    def __init__(self,
+        hf: PreTrainedModel,  # An `AutoModelForMaskedLM` model
+        pad_id: int,          # The tokenizer's padding id: attention is masked there
+    ):
+        super().__init__()
+        self.hf, self.pad_id = hf, pad_id
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        mask = ids != self.pad_id                                         # (B, L) True at real tokens
+        if labels is None: return self.hf(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+        chosen = labels != -100                                           # (B, L) positions to predict
+        spec = ARCHS.get(self.hf.config.model_type)
+        if spec is None or spec.mlm_head is None:                         # unknown head: full logits, then gather
+            return self.hf(input_ids=ids, attention_mask=mask).logits[chosen]          # (N, V)
+        h = self.hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+        return spec.mlm_head(self.hf, h[chosen])                          # (N, V): the head on chosen tokens only
+
+
+class PoolingClassifierHead(nn.Module):
+    """ULMFiT's classifier head (fastai's `PoolingLinearClassifier`) on transformer states: the first
+    token, the masked mean and the masked max, concatenated, then `LinBnDrop` layers."""
+
+    def __init__(self,
+        hidden: int,                  # Size of the encoder's hidden states
+        n_out: int,                   # Number of classes
+        lin_ftrs: list | None = None, # Sizes of the hidden linear layers (fastai's default: [50])
+        ps: list | None = None,       # Dropout of each hidden layer (default 0.1 each)
+        output_p: float = 0.1,        # Dropout on the pooled features
+    ):
+        super().__init__()
+        lin_ftrs = [50] if lin_ftrs is None else list(lin_ftrs)
+        ps = [0.1] * len(lin_ftrs) if ps is None else list(ps)
+        dims, ps = [hidden * 3] + lin_ftrs + [n_out], [output_p] + ps
+        acts = [nn.ReLU(inplace=True)] * len(lin_ftrs) + [None]
+        self.layers = nn.Sequential(*[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)])
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1)                                            # (B, L, 1)
+        first = h[torch.arange(len(h), device=h.device), mask.int().argmax(1)]  # (B, H) first real token
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1)                     # (B, H)
+        mx = h.masked_fill(~m, torch.finfo(h.dtype).min).max(1).values   # (B, H)
+        return self.layers(torch.cat([first, mean, mx], dim=1))          # (B, n_out)
+
+
+class SequenceClassifier(PortableHF):
+    "A Hugging Face encoder with ULMFiT's pooling head, or a `...ForSequenceClassification` model with its own head."
+
+    def __init__(self,
+        hf: PreTrainedModel,            # A base model (with `head`) or a sequence-classification model (without)
+        pad_id: int,                    # The tokenizer's padding id: attention is masked there
+        head: nn.Module | None = None,  # f(states (B, L, H), mask (B, L)) -> logits; None: the model's native head
+    ):
+        super().__init__()
+        self.hf, self.pad_id, self.head = hf, pad_id, head
+        self.hf_family = "base" if head is not None else "sequence_classification"
+        self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.pad_id                                         # (B, L) True at real tokens
+        if self.head is None: return self.hf(input_ids=ids, attention_mask=mask).logits  # (B, C)
+        h = self.hf(input_ids=ids, attention_mask=mask).last_hidden_state # (B, L, H)
+        return self.head(h, mask)                                         # (B, C)
+
+
+def _check_vocab(hf: PreTrainedModel, tok, src):
+    if len(tok) > hf.config.vocab_size:
+        raise UlmfitError(f"{src}: the tokenizer has {len(tok)} tokens but the model's vocabulary {hf.config.vocab_size}; "
+                          "use the tokenizer saved with this model")
+
+
+def masked_lm_model(src, tok) -> MaskedLM:
+    "A `MaskedLM` from a model folder, hub name or model; the MLM head is new if the checkpoint has none."
+    hf = load_hf(src, "masked_lm")
+    _check_vocab(hf, tok, src)
+    return MaskedLM(hf, tok.pad_token_id)
+
+
+def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, **head_kwargs) -> SequenceClassifier:
+    "A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off)."
+    if head not in ("pooling", "native"): raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
+    if head == "native":
+        names = dict(enumerate(map(str, labels))) if labels is not None else None
+        hf = load_hf(src, "sequence_classification", num_labels=n_out, id2label=names,
+                     label2id=None if names is None else {v: k for k, v in names.items()})
+        _check_vocab(hf, tok, src)
+        return SequenceClassifier(hf, tok.pad_token_id)
+    hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(_model_type(src)))
+    _check_vocab(hf, tok, src)
+    return SequenceClassifier(hf, tok.pad_token_id, PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs))
+
+
+def _model_type(src) -> str:
+    "`config.model_type` of a model folder or hub name, without loading weights."
+    try: return AutoConfig.from_pretrained(model_source(src)).model_type
+    except UlmfitError: raise
+    except Exception as e: raise UlmfitError(f"{src}: cannot read its config ({type(e).__name__}: {e})") from None

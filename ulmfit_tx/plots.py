@@ -1,0 +1,65 @@
+"Training plots saved as PNG: loss curves over several fits, confusion matrix, learning-rate finder."
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from fastai.callback.core import Callback  # noqa: E402
+from fastai.callback.schedule import minimum, steep, valley  # noqa: E402
+from fastai.interpret import ClassificationInterpretation  # noqa: E402
+
+__all__ = ["LossHistory", "plot_losses", "plot_confusion", "plot_lr_find"]
+
+
+class LossHistory(Callback):
+    "Keeps training and validation losses across several `fit` calls (fastai's Recorder keeps only the last)."
+    order = 60  # after Recorder
+
+    def __init__(self): self.train, self.valid, self.stages, self.fitting = [], [], [], False
+
+    def before_fit(self): self.stages.append(len(self.train)); self.fitting = True
+
+    def after_fit(self): self.fitting = False
+
+    def after_batch(self):
+        if self.training and self.fitting: self.train.append(self.loss.item())
+
+    def after_epoch(self):
+        "Validation loss of each epoch of a fit (not of a later `learn.validate()`)."
+        if self.fitting: self.valid.append((len(self.train), self.recorder.values[-1][1]))
+
+
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_losses(history: LossHistory, path) -> Path:
+    "Training loss per batch and validation loss per epoch, with a line where each fit (stage) starts."
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history.train, label="train", alpha=0.8)
+    if history.valid: ax.plot(*zip(*history.valid), "o-", label="valid")
+    for s in history.stages[1:]: ax.axvline(s, color="grey", ls=":", lw=1)
+    ax.set(xlabel="batches", ylabel="loss", title="loss (dotted: start of each stage)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion(learn, path) -> Path:
+    "The confusion matrix of `learn` on its validation set."
+    ClassificationInterpretation.from_learner(learn).plot_confusion_matrix()
+    return _save(plt.gcf(), path)
+
+
+def plot_lr_find(learn, path, suggest_funcs=None):
+    "Run `lr_find`, save its plot, return the suggestions as a dict."
+    funcs = suggest_funcs or (valley, steep, minimum)
+    res = learn.lr_find(suggest_funcs=funcs, show_plot=True)
+    _save(plt.gcf(), path)
+    return {f.__name__: float(v) for f, v in zip(funcs, np.atleast_1d(res))}

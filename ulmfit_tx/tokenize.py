@@ -1,0 +1,164 @@
+"A fastai Transform over a Hugging Face fast tokenizer: encode once, truncate, decode for display."
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.text.data import TensorText
+from fastai.torch_core import TitledStr
+from fasttransform import Transform
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import UlmfitError
+from .models import model_source
+
+__all__ = ["IDS_COL", "load_tokenizer", "HFTokenizer", "find_tokenizer", "word_start_table"]
+
+IDS_COL = "input_ids"  # the DataFrame column where `HFTokenizer.setups` caches token ids
+
+
+def load_tokenizer(src) -> PreTrainedTokenizerBase:
+    "Load the fast tokenizer of a model folder or hub name; it must have a padding token."
+    if isinstance(src, PreTrainedTokenizerBase): tok = src
+    else:
+        src = model_source(src)
+        try: tok = AutoTokenizer.from_pretrained(src)
+        except Exception as e: raise UlmfitError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    if not tok.is_fast: raise UlmfitError(f"{src}: ulmfit_tx needs a fast (Rust) tokenizer, got {type(tok).__name__}")
+    if tok.pad_token_id is None: raise UlmfitError(f"{src}: the tokenizer has no padding token")
+    return tok
+
+
+def _special_wrap(backend: Tokenizer) -> tuple[list[int], list[int]]:
+    "The special-token ids the tokenizer puts before and after a single text (e.g. [CLS] ... [SEP])."
+    plain = backend.encode("hello world", add_special_tokens=False).ids
+    full = backend.encode("hello world", add_special_tokens=True).ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain: return full[:i], full[i + len(plain):]
+    raise UlmfitError("cannot tell which special tokens this tokenizer adds around a text")
+
+
+def word_start_table(tok: PreTrainedTokenizerBase) -> torch.Tensor:
+    """A bool per vocabulary id: True where the token starts a word. Reads the subword convention of
+    the tokenizer: WordPiece `##` continuations, byte-level BPE `Ġ` or SentencePiece `▁` word starts."""
+    vocab = tok.get_vocab()
+    backend = tok.backend_tokenizer
+    prefix = getattr(backend.model, "continuing_subword_prefix", None)
+    pre = repr(backend.pre_tokenizer) + repr(backend.decoder)
+    if prefix: starts = lambda t: not t.startswith(prefix)
+    elif "ByteLevel" in pre: starts = lambda t: t.startswith("Ġ")
+    elif "Metaspace" in pre: starts = lambda t: t.startswith("▁")
+    else: raise UlmfitError("whole-word masking: cannot tell word starts for this tokenizer; use whole_word=False")
+    table = torch.ones(max(len(tok), max(vocab.values()) + 1), dtype=torch.bool)
+    special = set(tok.all_special_ids)
+    for t, i in vocab.items():
+        if i not in special: table[i] = starts(t)
+    return table
+
+
+class HFTokenizer(Transform):
+    """Encode texts with a Hugging Face fast tokenizer into `TensorText` ids (special tokens added,
+    truncated to `max_len`), and decode ids back to text for `show_batch` and `show_results`.
+    With `text_col`, `setups` tokenizes a whole DataFrame once, in one batched call, and caches the
+    ids in its `input_ids` column, so batches never re-tokenize."""
+    input_types = (pd.Series, str, list, np.ndarray)
+    train_setup = False  # `setups` gets the whole dataset (all splits are tokenized once), not the training subset
+
+    def __init__(self,
+        tokenizer,                   # A fast tokenizer, or a model folder / hub name to load one from
+        max_len: int | None = None,  # Longest sequence, special tokens included (None: tokenizer's limit, at most 512)
+        truncate: str = "head",      # "head" keeps the start of long texts, "head+tail" the start and the end
+        head_frac: float = 0.25,     # With "head+tail": the share of the kept tokens taken from the start
+        text_col: str | None = None, # DataFrame column read by `setups` and for rows without cached ids
+    ):
+        if truncate not in ("head", "head+tail"): raise UlmfitError(f"truncate must be 'head' or 'head+tail', not {truncate!r}")
+        self.tok = load_tokenizer(tokenizer)
+        self.max_len = max_len or min(self.tok.model_max_length, 512)
+        self.truncate, self.head_frac, self.text_col = truncate, head_frac, text_col
+        self._init_backend()
+
+    def _init_backend(self):
+        "A private copy of the Rust tokenizer with its own padding and truncation switched off."
+        self.backend = Tokenizer.from_str(self.tok.backend_tokenizer.to_str())
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.prefix, self.suffix = _special_wrap(self.backend)
+
+    @property
+    def pad_id(self) -> int: return self.tok.pad_token_id
+
+    @property
+    def pad_first(self) -> bool: return self.tok.padding_side == "left"
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        "Truncate one text's ids to fit `max_len` with its special tokens."
+        n = self.max_len - len(self.prefix) - len(self.suffix)
+        if len(ids) > n:
+            head = n if self.truncate == "head" else round(n * self.head_frac)
+            ids = ids[:head] + (ids[len(ids) - (n - head):] if n > head else [])
+        return self.prefix + ids + self.suffix
+
+    def token_ids(self, texts) -> list[list[int]]:
+        "Token ids of many texts in one parallel call, without special tokens or truncation."
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad: raise UlmfitError(f"{len(bad)} text(s) are not strings (positions {bad[:5]})")
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_batch(self, texts) -> list[np.ndarray]:
+        "Model inputs of many texts: special tokens added, truncated to `max_len`."
+        return [np.asarray(self._cut(ids), dtype=np.int32) for ids in self.token_ids(texts)]
+
+    def setups(self, dsets):
+        "Tokenize the DataFrame behind `dsets` once and cache the ids in its `input_ids` column."
+        items = getattr(dsets, "items", None)
+        if self.text_col is None or not isinstance(items, pd.DataFrame) or IDS_COL in items: return
+        dsets.items = items.assign(**{IDS_COL: self.encode_batch(items[self.text_col])})
+
+    def encodes(self, o: pd.Series):
+        if IDS_COL in o.index: return TensorText(torch.as_tensor(o[IDS_COL], dtype=torch.long))
+        return self(o[self.text_col])
+
+    def encodes(self, o: str): return TensorText(torch.as_tensor(self.encode_batch([o])[0], dtype=torch.long))
+    def encodes(self, o: list | np.ndarray): return TensorText(torch.as_tensor(np.asarray(o), dtype=torch.long))
+
+    def decode_ids(self, ids) -> str:
+        "Text of `ids` without padding and sequence markers (a [MASK] stays visible)."
+        drop = {self.pad_id, *self.prefix, *self.suffix}
+        return self.tok.decode([i for i in torch.as_tensor(ids).tolist() if i not in drop]).strip()
+
+    def decodes(self, o: TensorText): return TitledStr(self.decode_ids(o))
+
+    def __getstate__(self):
+        "Pickle the tokenizer as its `save_pretrained` files, not as transformers objects."
+        state = {k: v for k, v in self.__dict__.items() if k not in ("tok", "backend")}
+        tmp = tempfile.mkdtemp()
+        try:
+            self.tok.save_pretrained(tmp)
+            state["tok_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        finally: shutil.rmtree(tmp)
+        return state
+
+    def __setstate__(self, state):
+        files = state.pop("tok_files")
+        self.__dict__.update(state)
+        tmp = tempfile.mkdtemp()
+        try:
+            for name, data in files.items(): (Path(tmp) / name).write_bytes(data)
+            self.tok = AutoTokenizer.from_pretrained(tmp)
+        finally: shutil.rmtree(tmp)
+        self._init_backend()
+
+
+def find_tokenizer(dls) -> HFTokenizer:
+    "The `HFTokenizer` in the input pipeline of `dls` (DataLoaders or Datasets)."
+    ds = getattr(dls, "valid_ds", dls)
+    for tl in getattr(ds, "tls", [ds]):
+        for t in getattr(getattr(tl, "tfms", None), "fs", []):
+            if isinstance(t, HFTokenizer): return t
+    raise UlmfitError("these DataLoaders have no HFTokenizer; build them with ulmfit_tx's data functions")
