@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="folder written by train-clf (holds export.pkl)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV/parquet file of texts")
-    src.add_argument("--text", help="one text")
+    src.add_argument("--text", action="append", help="a text (repeat for several)")
     p.add_argument("--text-col", default="text")
     p.add_argument("--out", help="CSV file to write (default: print)")
     p.add_argument("--bs", type=int, default=64)
@@ -190,7 +190,8 @@ def predict(a):
     from .io import read_data
     learn = _load_export(a.model)
     if a.text is not None:
-        res = learn.predict_texts([a.text])
+        res = learn.predict_texts(a.text)
+        res.insert(0, "text", [t if len(t) <= 60 else t[:57] + "..." for t in a.text])
         print(res.to_string(index=False))
         return res
     from .errors import check_texts
