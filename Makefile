@@ -11,7 +11,7 @@ DEMO_DATA ?= data/imdb_sample.csv
 DEMO_OUT ?= runs/demo
 DEMO_CLF_LEN ?= 256
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Benchmarks (not tests): speed against the Hugging Face Trainer/pipeline, accuracy on IMDb. See bench/README.md.
+bench: install
+	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/imdb.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ulmfit_tx import HFTokenizer, MaskTokens, lm_blocks, mask_tokens, mlm_dataloaders
+from ulmfit_tx import HFTokenizer, MaskTokens, UlmfitError, lm_blocks, mask_tokens, mlm_dataloaders
 from ulmfit_tx.tokenize import word_start_table
 
 
@@ -85,3 +85,10 @@ def test_mask_tokens_function_is_vectorised_over_the_batch():
     ids = torch.randint(5, 100, (64, 50))
     masked, labels = mask_tokens(ids, torch.tensor([0, 1, 2, 3, 4]), 4, torch.arange(5, 100))
     assert masked.shape == labels.shape == ids.shape
+
+
+def test_at_least_one_text_is_held_out_and_too_short_texts_are_named(bert_dir, sample_df):
+    dls = mlm_dataloaders(sample_df.text[:40], bert_dir, max_len=32, bs=8, valid_pct=0.001)
+    assert len(dls.valid_ds) >= 1
+    with pytest.raises(UlmfitError, match="training text.*fill no block of 128"):
+        mlm_dataloaders(["short one"] * 20, bert_dir, max_len=128, bs=8)

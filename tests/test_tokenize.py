@@ -22,7 +22,7 @@ def test_special_tokens_wrap_each_text(tiny_models, arch):
 
 def test_head_and_head_tail_truncation(bert_dir):
     text = " ".join(f"w{i}" for i in range(200))
-    full = HFTokenizer(bert_dir, max_len=512).token_ids([text])[0]
+    full = next(HFTokenizer(bert_dir, max_len=512).token_ids([text]))
     head = HFTokenizer(bert_dir, max_len=42).encode_batch([text])[0]
     ht = HFTokenizer(bert_dir, max_len=42, truncate="head+tail", head_frac=0.25).encode_batch([text])[0]
     assert list(head[1:-1]) == full[:40]

@@ -10,13 +10,13 @@ import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp1
 import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam
 
 from .archs import clas_splitter, lm_splitter, max_positions
 from .errors import UlmfitError, check_max_len
 from .io import atomic_dir
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
 from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
+from .optimizer import ForeachAdamW
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["default_precision", "set_precision", "HFLearner", "MLMLearner", "ClassifierLearner", "mlm_learner",
@@ -92,6 +92,7 @@ def mlm_learner(
     precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
     splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
     metrics=None,                  # Default: masked-token accuracy and perplexity
+    opt_func=ForeachAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's multi-tensor kernels
     wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
     **kwargs,                      # Passed to `Learner`
 ) -> MLMLearner:
@@ -100,7 +101,7 @@ def mlm_learner(
     if not isinstance(model, MaskedLM): model = masked_lm_model(model, tfm.tok)
     _check_len(tfm, model)
     metrics = [MaskedAccuracy(), MaskedPerplexity()] if metrics is None else metrics
-    learn = MLMLearner(dls, model, loss_func=mlm_loss, opt_func=Adam, splitter=splitter, metrics=metrics, wd=wd,
+    learn = MLMLearner(dls, model, loss_func=mlm_loss, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
                        wd_bn_bias=False, train_bn=False, **kwargs)
     return set_precision(learn, precision)
 
@@ -112,6 +113,7 @@ def classifier_learner(
     precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
     metrics=accuracy,              # fastai metrics
+    opt_func=ForeachAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's multi-tensor kernels
     wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
     lin_ftrs: list | None = None,  # Pooling head: hidden layer sizes (default [50])
     ps: list | None = None,        # Pooling head: dropout per hidden layer
@@ -126,7 +128,7 @@ def classifier_learner(
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
         model = classifier_model(model, tfm.tok, len(dls.vocab), head, labels=dls.vocab, **head_kw)
     _check_len(tfm, model)
-    learn = ClassifierLearner(dls, model, opt_func=Adam, splitter=splitter, metrics=metrics, wd=wd,
+    learn = ClassifierLearner(dls, model, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
                               wd_bn_bias=False, train_bn=False, **kwargs)
     if freeze: learn.freeze()
     return set_precision(learn, precision)

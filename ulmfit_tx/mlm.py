@@ -24,13 +24,14 @@ __all__ = ["lm_blocks", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_los
 
 def lm_blocks(tfm: HFTokenizer, texts) -> list[np.ndarray]:
     """Concatenate the tokens of all texts (a separator between documents) and cut them into blocks of
-    `tfm.max_len` with the special tokens around each; the last, shorter block is dropped."""
+    `tfm.max_len` with the special tokens around each; the last, shorter block is dropped (no blocks if
+    the texts are shorter than one)."""
     sep = tfm.tok.sep_token_id if tfm.tok.sep_token_id is not None else tfm.tok.eos_token_id
     docs = tfm.token_ids(texts)
     flat = np.fromiter((t for d in docs for t in (d + [sep] if sep is not None else d)), dtype=np.int32)
     n = tfm.max_len - len(tfm.prefix) - len(tfm.suffix)
     body = flat[: len(flat) // n * n].reshape(-1, n)
-    if len(body) == 0: raise UlmfitError(f"the texts hold {len(flat)} tokens, fewer than one block of {n}")
+    if len(body) == 0: return []
     wrapped = np.concatenate([np.tile(tfm.prefix, (len(body), 1)), body, np.tile(tfm.suffix, (len(body), 1))], axis=1)
     return list(wrapped.astype(np.int32))
 
@@ -130,9 +131,12 @@ def mlm_dataloaders(
     texts = _texts(source, text_col)
     if len(texts) < 2: raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
     tfm = HFTokenizer(tokenizer, max_len)
-    train_idx, valid_idx = RandomSplitter(valid_pct, seed=seed)(texts)
+    train_idx, valid_idx = RandomSplitter(max(valid_pct, 1 / len(texts)), seed=seed)(texts)  # hold out >= 1 text
     parts = [[texts[i] for i in idx] for idx in (train_idx, valid_idx)]
     parts = [lm_blocks(tfm, p) if mode == "blocks" else tfm.encode_batch(p) for p in parts]
+    for part, n, what in zip(parts, (len(train_idx), len(valid_idx)), ("training", "held-out")):
+        if not part: raise UlmfitError(f"the {n} {what} text(s) fill no block of {max_len} tokens: lower max_len, "
+                                       "add texts or change valid_pct")
     splits = (list(range(len(parts[0]))), list(range(len(parts[0]), len(parts[0]) + len(parts[1]))))
     dsets = Datasets(parts[0] + parts[1], tfms=[[tfm]], splits=splits, n_inp=2)
     return dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL if mode == "docs" else TfmdDL,

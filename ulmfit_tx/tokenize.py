@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +104,14 @@ class HFTokenizer(Transform):
             ids = ids[:head] + (ids[len(ids) - (n - head):] if n > head else [])
         return self.prefix + ids + self.suffix
 
-    def token_ids(self, texts) -> list[list[int]]:
-        "Token ids of many texts in one parallel call, without special tokens or truncation."
+    def token_ids(self, texts, chunk: int = 4096) -> Iterator[list[int]]:
+        """Token ids of each text, without special tokens or truncation, encoded in parallel `chunk` texts
+        at a time (so memory holds one chunk of the tokenizer's encodings, not all of them)."""
         texts = list(texts)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad: raise UlmfitError(f"{len(bad)} text(s) are not strings (positions {bad[:5]})")
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        for i in range(0, len(texts), chunk):
+            yield from (e.ids for e in self.backend.encode_batch_fast(texts[i:i + chunk], add_special_tokens=False))
 
     def encode_batch(self, texts) -> list[np.ndarray]:
         "Model inputs of many texts: special tokens added, truncated to `max_len`."

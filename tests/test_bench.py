@@ -1,0 +1,38 @@
+"Tiny smoke runs of the benchmark scripts, so they do not rot (the real runs are in bench/README.md)."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMDB = ROOT.parent / "shared" / "data" / "imdb"
+needs_imdb = pytest.mark.skipif(not (IMDB / "imdb.csv.gz").exists(), reason="../shared/data/imdb is not here")
+
+
+def _run(args, tmp_path):
+    res = subprocess.run([sys.executable, *map(str, args), "--out", tmp_path], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@needs_imdb
+def test_speed_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "speed.py", "--n-train", 16, "--n-mlm", 16, "--n-infer", 24, "--n-tok", 64,
+                "--max-len", 32, "--bs", 8, "--work", tmp_path / "work"], tmp_path)
+    res = json.loads((tmp_path / "speed_cpu.json").read_text())["results"]
+    assert set(res) == {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
+                        "infer_pipeline", "tok_ours", "tok_raw"}
+    assert all(r["samples_per_s"] > 0 and r["peak_mb"] > 0 for r in res.values())
+    assert "| 4. tokenization |" in out and (tmp_path / "speed_cpu.png").exists()
+
+
+@needs_imdb
+def test_imdb_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "imdb.py", "--labels", 16, "--n-test", 20, "--lm-texts", 40, "--max-len", 32,
+                "--lm-max-len", 32, "--bs", 8, "--tag", "smoke"], tmp_path)
+    rows = json.loads((tmp_path / "imdb_smoke.json").read_text())["results"]
+    assert [r["labels"] for r in rows] == [16, 16, 16] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert "TF-IDF" in out and (tmp_path / "imdb_smoke.png").exists()
