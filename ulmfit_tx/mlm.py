@@ -3,6 +3,7 @@ dynamic masking vectorised over the batch, masked-token accuracy and perplexity,
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,7 @@ class MaskTokens(ItemTransform):
 
 def _texts(source, text_col: str) -> list[str]:
     "Texts from a list, Series, DataFrame or file, checked to be non-empty strings."
-    if isinstance(source, (str,)) or hasattr(source, "__fspath__"): source = read_data(source)
+    if isinstance(source, (str, os.PathLike)): source = read_data(source)
     df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
     check_texts(df, text_col)
     return df[text_col].tolist()
