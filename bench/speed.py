@@ -213,7 +213,7 @@ def infer_pipeline(a):
 
 def tok_ours(a):
     from ulmfit_tx import HFTokenizer
-    texts = reviews(a, a.n_tok).text.tolist() if a.n_tok <= 25000 else _all_labelled(a)
+    texts = _tok_texts(a)
     tfm = HFTokenizer(minilm(), a.max_len)
     t0 = time.perf_counter()
     tfm.encode_batch(texts)
@@ -222,14 +222,15 @@ def tok_ours(a):
 
 def tok_raw(a):
     from transformers import AutoTokenizer
-    texts = reviews(a, a.n_tok).text.tolist() if a.n_tok <= 25000 else _all_labelled(a)
+    texts = _tok_texts(a)
     tok = AutoTokenizer.from_pretrained(minilm())
     t0 = time.perf_counter()
     for i in range(0, len(texts), 1000): tok(texts[i:i + 1000], truncation=True, max_length=a.max_len)
     return len(texts), time.perf_counter() - t0
 
 
-def _all_labelled(a):
+def _tok_texts(a) -> list[str]:
+    "The first `n_tok` labelled reviews (both official halves) for the tokenization case."
     import pandas as pd
     return pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False).text.tolist()[: a.n_tok]
 

@@ -8,7 +8,7 @@ from .io import read_data, read_folder, read_table
 from .learner import (ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner, set_precision,
                       ulmfit_lrs)
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, lm_blocks, mask_tokens, mlm_dataloaders, mlm_loss
-from .optimizer import ForeachAdamW
 from .models import MaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
+from .optimizer import ForeachAdamW
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer
 from . import show  # noqa: F401 (registers show_results for text)
