@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, max_positions, register_arch
 from .data import HFTextBlock, PadTokens, TokenSortedDL, clas_dataloaders
 from .errors import UlmfitError
+from . import encoders  # noqa: F401 (registers scratch, memxl and compressive with the Auto classes)
 from .io import read_data, read_folder, read_table
 from .learner import (ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner, set_precision,
                       ulmfit_lrs)

@@ -27,7 +27,8 @@ def _data_args(p, labels: bool = True):
                        help="boolean column marking validation rows (default: is_valid; random 20%% split if absent)")
         p.add_argument("--truncate", default="head", choices=["head", "head+tail"],
                        help="keep the start of long texts, or the start and the end")
-    p.add_argument("--max-len", type=int, default=256 if labels else 128, help="tokens per text or block")
+    p.add_argument("--max-len", type=int, help="tokens per text (default 256) or block (default 128); memory encoders: "
+                   "per text (default 2048: whole reviews, read segment by segment) or per row and batch (2 segments)")
     p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -49,11 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     _out_args(p)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=_DEFAULT_LR["mlm"])
-    p.add_argument("--mode", default="blocks", choices=["blocks", "docs"], help="concatenate into blocks, or one item per text")
+    p.add_argument("--mode", choices=["blocks", "docs", "segments"],
+                   help="concatenate into blocks, one item per text, or whole texts in order (default: segments for "
+                        "memory encoders, else blocks)")
     p.add_argument("--mlm-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
     p.add_argument("--whole-word", action="store_true", help="choose whole words")
     p.add_argument("--valid-pct", type=float, default=0.1, help="share of texts held out for the metrics")
     p.add_argument("--max-rows", type=int, help="use only the first N texts")
+
+    p = sub.add_parser("pretrain", help="train a tokenizer and a new encoder from scratch with the MLM objective")
+    p.add_argument("--corpus", required=True, help=".txt/.txt.gz file, folder of them, or CSV/parquet with --text-col")
+    p.add_argument("--arch", default="scratch", choices=["bert", "roberta", "albert", "scratch", "memxl", "compressive"])
+    _out_args(p)
+    p.add_argument("--valid", help="held-out corpus for the metrics (default: 5%% of the documents)")
+    p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
+                   help="what a document is: a line, a file, or a WikiText article (' = Title = ' lines)")
+    p.add_argument("--text-col", default="text", help="column of a CSV/parquet corpus")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--max-len", type=int, default=128, help="block length; memory encoders: segment length")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
 
     p = sub.add_parser("train-clf", help="train a classifier on top of an encoder (ULMFiT schedule by default)")
     _data_args(p)
@@ -104,15 +127,20 @@ def _seed(seed: int):
 
 
 def finetune_lm(a):
-    from .io import atomic_dir, check_out_dir, read_data
+    from .encoders import MEMORY_MODEL_TYPES
+    from .io import check_out_dir, read_data
     from .learner import mlm_learner
     from .mlm import mlm_dataloaders
-    from .plots import LossHistory, plot_losses
+    from .plots import LossHistory
     check_out_dir(a.out, a.force)
     _seed(a.seed)
     df = read_data(a.data)
     if a.max_rows: df = df.iloc[: a.max_rows]
-    dls = mlm_dataloaders(df, a.model, a.text_col, a.max_len, a.mode, a.valid_pct, a.seed, a.bs,
+    config = _config(a.model)
+    memory = config.model_type in MEMORY_MODEL_TYPES
+    mode = a.mode or ("segments" if memory else "blocks")
+    max_len = a.max_len or (2 * config.segment_len if memory else 128)
+    dls = mlm_dataloaders(df, a.model, a.text_col, max_len, mode, a.valid_pct, bs=a.bs, seed=a.seed,
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=hist)
@@ -120,25 +148,66 @@ def finetune_lm(a):
     learn.fit_one_cycle(a.epochs, a.lr)
     train_time = time.time() - t0
     loss, acc, ppl = learn.validate()
-    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=a.max_len,
-                   n_train_blocks=len(dls.train_ds), n_valid_blocks=len(dls.valid_ds), train_time_s=train_time)
+    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
+                   n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), train_time_s=train_time)
+    _save_mlm(learn, hist, metrics, a)
+    print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
+    return metrics
+
+
+def _config(model):
+    "The config of a model folder or hub name (with a clear error)."
+    from .models import load_config
+    return load_config(model)
+
+
+def _save_mlm(learn, hist, metrics: dict, a):
+    "The MLM model folder: weights, tokenizer, metrics.json and loss.png, written atomically."
+    from .io import atomic_dir
+    from .plots import plot_losses
     with atomic_dir(a.out, a.force) as tmp:
         learn.model.hf.save_pretrained(tmp)
         learn.tokenizer.tok.save_pretrained(tmp)
         _write_json(tmp / "metrics.json", metrics)
         plot_losses(hist, tmp / "loss.png")
-    print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
+
+
+def pretrain(a):
+    from .io import check_out_dir
+    from .plots import LossHistory
+    from .pretrain import pretrain_learner, read_corpus
+    check_out_dir(a.out, a.force)
+    _seed(a.seed)
+    texts = read_corpus(a.corpus, a.docs, a.text_col)[: a.max_docs]
+    valid = read_corpus(a.valid, a.docs, a.text_col) if a.valid else None
+    hist = LossHistory()
+    learn = pretrain_learner(texts, a.arch, valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
+                             precision=a.precision, cbs=hist)
+    t0 = time.time()
+    learn.fit_one_cycle(a.epochs, a.lr)
+    train_time = time.time() - t0
+    loss, acc, ppl = learn.validate()
+    n_params = sum(p.numel() for p in learn.model.parameters())
+    metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr,
+                   max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params, n_train_docs=len(texts),
+                   n_valid_docs=len(valid) if valid else None, n_train_items=len(learn.dls.train_ds),
+                   train_time_s=train_time)
+    _save_mlm(learn, hist, metrics, a)
+    print(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
+          f"masked-token accuracy {acc:.4f}, {train_time:.0f}s -> {a.out}")
     return metrics
 
 
 def train_clf(a):
     from .data import clas_dataloaders
-    from .io import atomic_dir, check_out_dir
+    from .io import atomic_dir, check_out_dir, read_data
     from .learner import classifier_learner, fit_ulmfit
     from .plots import LossHistory, plot_confusion, plot_losses
     check_out_dir(a.out, a.force)
     _seed(a.seed)
-    dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
+    df = read_data(a.data)
+    a.max_len = a.max_len or _clf_max_len(a.model)
+    dls = clas_dataloaders(df, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
                            truncate=a.truncate, bs=a.bs)
     hist = LossHistory()
     learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
@@ -171,6 +240,13 @@ def train_clf(a):
     print(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
           f"{sum(epochs)} passes in {train_time:.0f}s -> {a.out}")
     return metrics
+
+
+def _clf_max_len(model) -> int:
+    "256 tokens, or up to 2048 for memory encoders (they read long texts segment by segment)."
+    from .encoders import MEMORY_MODEL_TYPES
+    config = _config(model)
+    return min(2048, config.max_position_embeddings) if config.model_type in MEMORY_MODEL_TYPES else 256
 
 
 def _load_export(folder):
@@ -227,13 +303,13 @@ def lr_find_cmd(a):
     if a.task == "mlm":
         from .learner import mlm_learner
         from .mlm import mlm_dataloaders
-        learn = mlm_learner(mlm_dataloaders(a.data, a.model, a.text_col, a.max_len, bs=a.bs, seed=a.seed), a.model,
-                            precision=a.precision)
+        learn = mlm_learner(mlm_dataloaders(a.data, a.model, a.text_col, a.max_len or 128, bs=a.bs, seed=a.seed),
+                            a.model, precision=a.precision)
     else:
         from .data import clas_dataloaders
         from .learner import classifier_learner
-        dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
-                               truncate=a.truncate, bs=a.bs)
+        dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed,
+                               max_len=a.max_len or _clf_max_len(a.model), truncate=a.truncate, bs=a.bs)
         learn = classifier_learner(dls, a.model, precision=a.precision)
     with atomic_dir(a.out, a.force) as tmp:
         sugg = plot_lr_find(learn, tmp / "lr_find.png")
@@ -242,7 +318,7 @@ def lr_find_cmd(a):
     return sugg
 
 
-COMMANDS = {"finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
+COMMANDS = {"pretrain": pretrain, "finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
             "lr-find": lr_find_cmd}
 
 

@@ -11,9 +11,13 @@ import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 
+from fastcore.foundation import L
+
 from .archs import clas_splitter, lm_splitter, max_positions
+from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError, check_max_len
 from .io import atomic_dir
+from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
 from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
 from .optimizer import ForeachAdamW
@@ -86,6 +90,14 @@ def _check_len(tfm: HFTokenizer, model):
     check_max_len(tfm.max_len, max_positions(model.hf.config), f"model type {model.hf.config.model_type!r}")
 
 
+def _callbacks(dls, model, cbs) -> L:
+    "The user's callbacks, plus `MemoryCallback` for a memory encoder or data read in segments."
+    cbs = L(cbs)
+    if model.hf.config.model_type in MEMORY_MODEL_TYPES or getattr(dls.train, "has_resets", False):
+        cbs.append(MemoryCallback())
+    return cbs
+
+
 def mlm_learner(
     dls,                           # DataLoaders from `mlm_dataloaders`
     model,                         # Model folder, hub name, Hugging Face model, or `MaskedLM`
@@ -94,6 +106,7 @@ def mlm_learner(
     metrics=None,                  # Default: masked-token accuracy and perplexity
     opt_func=ForeachAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's multi-tensor kernels
     wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
+    cbs=None,                      # fastai callbacks (`MemoryCallback` is added for memory encoders)
     **kwargs,                      # Passed to `Learner`
 ) -> MLMLearner:
     "A fastai Learner that fine-tunes a masked language model on `dls`."
@@ -102,7 +115,7 @@ def mlm_learner(
     _check_len(tfm, model)
     metrics = [MaskedAccuracy(), MaskedPerplexity()] if metrics is None else metrics
     learn = MLMLearner(dls, model, loss_func=mlm_loss, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
-                       wd_bn_bias=False, train_bn=False, **kwargs)
+                       wd_bn_bias=False, train_bn=False, cbs=_callbacks(dls, model, cbs), **kwargs)
     return set_precision(learn, precision)
 
 
@@ -119,6 +132,7 @@ def classifier_learner(
     ps: list | None = None,        # Pooling head: dropout per hidden layer
     output_p: float = 0.1,         # Pooling head: dropout on the pooled features
     freeze: bool = True,           # Start with only the head trainable, as fastai's `text_classifier_learner`
+    cbs=None,                      # fastai callbacks (`MemoryCallback` is added for memory encoders)
     **kwargs,                      # Passed to `Learner`
 ) -> ClassifierLearner:
     """A fastai Learner that classifies texts with a transformer encoder, ready for `fit_ulmfit`, or for
@@ -129,7 +143,7 @@ def classifier_learner(
         model = classifier_model(model, tfm.tok, len(dls.vocab), head, labels=dls.vocab, **head_kw)
     _check_len(tfm, model)
     learn = ClassifierLearner(dls, model, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
-                              wd_bn_bias=False, train_bn=False, **kwargs)
+                              wd_bn_bias=False, train_bn=False, cbs=_callbacks(dls, model, cbs), **kwargs)
     if freeze: learn.freeze()
     return set_precision(learn, precision)
 

@@ -17,9 +17,10 @@ from fasttransform import ItemTransform
 from .data import PadTokens, TokenSortedDL
 from .errors import UlmfitError, check_texts
 from .io import read_data
+from .memory import SegmentDL
 from .tokenize import HFTokenizer, word_start_table
 
-__all__ = ["lm_blocks", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
+__all__ = ["lm_blocks", "whole_docs", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
            "MaskedPerplexity", "fill_mask"]
 
 
@@ -35,6 +36,11 @@ def lm_blocks(tfm: HFTokenizer, texts) -> list[np.ndarray]:
     if len(body) == 0: return []
     wrapped = np.concatenate([np.tile(tfm.prefix, (len(body), 1)), body, np.tile(tfm.suffix, (len(body), 1))], axis=1)
     return list(wrapped.astype(np.int32))
+
+
+def whole_docs(tfm: HFTokenizer, texts) -> list[np.ndarray]:
+    "The untruncated ids of each text with the special tokens around it."
+    return [np.array(tfm.prefix + d + tfm.suffix, dtype=np.int32) for d in tfm.token_ids(texts)]
 
 
 def mask_tokens(
@@ -68,8 +74,8 @@ def mask_tokens(
 
 
 class MaskTokens(ItemTransform):
-    """`after_batch`: dynamic masking of each batch (on the batch's device). Turns `(ids,)` into
-    `(masked, labels, labels)`: the model reads the labels to run its head on chosen tokens only."""
+    """`after_batch`: dynamic masking of each batch (on the batch's device). Turns `(ids, *rest)` into
+    `(masked, labels, *rest, labels)`: the model reads the labels to run its head on chosen tokens only."""
     order = 100
 
     def __init__(self,
@@ -95,13 +101,13 @@ class MaskTokens(ItemTransform):
         ws = None if self.word_starts is None else self.word_starts.to(dev)
         masked, labels = mask_tokens(ids, self.special_ids.to(dev), self.mask_id, self.random_ids.to(dev),
                                      self.mlm_prob, self.mask_frac, self.random_frac, ws)
-        return (masked, labels, labels)
+        return (masked, labels, *b[1:], labels)
 
     def decodes(self, b):
         "Labels shown as the tokens to predict (padding elsewhere) so the tokenizer decodes them as text."
         if len(b) < 2: return b
         targets = b[1].masked_fill(b[1] == -100, self.pad_id)
-        return (b[0], targets, targets)
+        return (b[0], targets, *b[2:-1], targets)
 
 
 def _texts(source, text_col: str) -> list[str]:
@@ -116,9 +122,11 @@ def mlm_dataloaders(
     source,                      # Texts: list, Series, DataFrame with `text_col`, or a CSV/parquet file
     tokenizer,                   # A fast tokenizer, or a model folder / hub name
     text_col: str = "text",      # Column with the texts (DataFrame or file)
-    max_len: int = 128,          # Block length (or longest document) in tokens, special tokens included
-    mode: str = "blocks",        # "blocks": concatenate and cut into `max_len` blocks; "docs": one item per text
+    max_len: int = 128,          # Block length (or longest document; or, with "segments", tokens per row per batch)
+    mode: str = "blocks",        # "blocks": concatenate and cut into blocks; "docs": one item per text;
+                                 # "segments": whole texts read in order, `max_len` at a time (memory encoders)
     valid_pct: float = 0.1,      # Share of the texts held out (split by text, before blocking)
+    valid_texts=None,            # Held-out texts (same forms as `source`) instead of a random split
     seed: int = 42,              # Seed of the split
     bs: int = 32,                # Batch size
     mlm_prob: float = 0.15,      # Share of real tokens chosen
@@ -127,22 +135,33 @@ def mlm_dataloaders(
     whole_word: bool = False,    # Whole-word masking
     **kwargs,                    # Passed to `Datasets.dataloaders` (e.g. `device`)
 ) -> DataLoaders:
-    "MLM `DataLoaders`: ids computed once; each batch is masked afresh (`MaskTokens`), so every epoch sees new masks."
-    if mode not in ("blocks", "docs"): raise UlmfitError(f"mode must be 'blocks' or 'docs', not {mode!r}")
+    """MLM `DataLoaders`: ids computed once; each batch is masked afresh (`MaskTokens`), so every epoch sees new masks.
+    With mode "segments" the batches come from `SegmentDL` and carry a "starts a document" flag per row."""
+    if mode not in ("blocks", "docs", "segments"):
+        raise UlmfitError(f"mode must be 'blocks', 'docs' or 'segments', not {mode!r}")
     texts = _texts(source, text_col)
-    if len(texts) < 2: raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
     tfm = HFTokenizer(tokenizer, max_len)
-    train_idx, valid_idx = RandomSplitter(max(valid_pct, 1 / len(texts)), seed=seed)(texts)  # hold out >= 1 text
-    parts = [[texts[i] for i in idx] for idx in (train_idx, valid_idx)]
-    parts = [lm_blocks(tfm, p) if mode == "blocks" else tfm.encode_batch(p) for p in parts]
-    for part, n, what in zip(parts, (len(train_idx), len(valid_idx)), ("training", "held-out")):
+    if valid_texts is not None: parts = [texts, _texts(valid_texts, text_col)]
+    else:
+        if len(texts) < 2: raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
+        train_idx, valid_idx = RandomSplitter(max(valid_pct, 1 / len(texts)), seed=seed)(texts)  # hold out >= 1 text
+        parts = [[texts[i] for i in idx] for idx in (train_idx, valid_idx)]
+    n_texts = [len(p) for p in parts]
+    parts = [lm_blocks(tfm, p) if mode == "blocks" else whole_docs(tfm, p) if mode == "segments" else tfm.encode_batch(p)
+             for p in parts]
+    for part, n, what in zip(parts, n_texts, ("training", "held-out")):
         if not part: raise UlmfitError(f"the {n} {what} text(s) fill no block of {max_len} tokens: lower max_len, "
                                        "add texts or change valid_pct")
     splits = (list(range(len(parts[0]))), list(range(len(parts[0]), len(parts[0]) + len(parts[1]))))
     dsets = Datasets(parts[0] + parts[1], tfms=[[tfm]], splits=splits, n_inp=2)
+    mask = MaskTokens(tfm, mlm_prob, mask_frac, random_frac, whole_word)
+    if mode == "segments":
+        dls = [SegmentDL(ds, max_len, tfm.pad_id, bs, seed, shuffle=train, after_batch=mask, **kwargs)
+               for ds, train in ((dsets.train, True), (dsets.valid, False))]
+        return DataLoaders(*dls, device=kwargs.get("device"))
     return dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL if mode == "docs" else TfmdDL,
                              before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
-                             after_batch=MaskTokens(tfm, mlm_prob, mask_frac, random_frac, whole_word), **kwargs)
+                             after_batch=mask, **kwargs)
 
 
 def mlm_loss(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

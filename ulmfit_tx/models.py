@@ -11,10 +11,12 @@ from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMas
                           PreTrainedModel)
 
 from .archs import ARCHS
+from .encoders import MEMORY_MODEL_TYPES
+from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
 
-__all__ = ["model_source", "load_hf", "PortableHF", "MaskedLM", "PoolingClassifierHead", "SequenceClassifier",
-           "masked_lm_model", "classifier_model"]
+__all__ = ["model_source", "load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "PoolingClassifierHead", "SequenceClassifier",
+           "masked_lm_model", "classifier_model", "load_config"]
 
 AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
 
@@ -52,11 +54,20 @@ def _base_kwargs(model_type: str) -> dict:
 class PortableHF(nn.Module):
     """Base of the modules that wrap a Hugging Face model as `self.hf`. They pickle it (in
     `learn.export()`) as its config and weights and rebuild it on load with the Auto classes, so an
-    export does not depend on pickled transformers objects."""
+    export does not depend on pickled transformers objects. `_call` calls the model and keeps its
+    auxiliary loss (Compressive Transformer) as `self.aux_loss` for `MemoryCallback`."""
     hf_family, hf_kwargs = "base", {}
+    aux_loss = None
+
+    def _call(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+        out = module(input_ids=ids, attention_mask=mask)
+        self.aux_loss = getattr(out, "aux_loss", None)
+        return out
 
     def __getstate__(self):
         state = self.__dict__.copy()
+        state.pop("aux_loss", None)
+        state.pop("memories", None)
         modules = dict(state["_modules"])
         hf = modules.pop("hf")
         state["_modules"] = modules
@@ -86,13 +97,30 @@ class MaskedLM(PortableHF):
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         mask = ids != self.pad_id                                         # (B, L) True at real tokens
-        if labels is None: return self.hf(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
-        chosen = labels != -100                                           # (B, L) positions to predict
         spec = ARCHS.get(self.hf.config.model_type)
-        if spec is None or spec.mlm_head is None:                         # unknown head: full logits, then gather
-            return self.hf(input_ids=ids, attention_mask=mask).logits[chosen]          # (N, V)
-        h = self.hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
-        return spec.mlm_head(self.hf, h[chosen])                          # (N, V): the head on chosen tokens only
+        if labels is None or spec is None or spec.mlm_head is None:       # all logits (then gathered if labelled)
+            logits = self._call(self.hf, ids, mask).logits                # (B, L, V)
+            return logits if labels is None else logits[labels != -100]   # (N, V)
+        h = self._call(self.hf.base_model, ids, mask).last_hidden_state   # (B, L, H)
+        return spec.mlm_head(self.hf, h[labels != -100])                  # (N, V): the head on chosen tokens only
+
+
+class MemoryMaskedLM(MaskedLM):
+    """`MaskedLM` for a memory encoder (memxl, compressive): each batch continues the documents of the
+    previous one row by row (`SegmentDL`), so the memories of one call are passed to the next.
+    `MemoryCallback` resets them between epochs and for rows that start a new document."""
+    memories = None
+
+    def _call(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+        if self.memories is not None and self.memories.mem_mask.shape[0] != len(ids): self.memories = None
+        out = module(input_ids=ids, attention_mask=mask, memories=self.memories)
+        self.memories, self.aux_loss = out.memories, out.aux_loss
+        return out
+
+    def reset(self, rows: torch.Tensor | None = None):
+        "Forget everything (`rows` None), or what the rows where `rows` (B,) is True remember."
+        if rows is None or self.memories is None: self.memories = None
+        elif rows.any(): self.memories = self.hf.base_model.reset_memories(self.memories, rows.to(self.memories.mem_mask.device))
 
 
 class PoolingClassifierHead(nn.Module):
@@ -114,11 +142,7 @@ class PoolingClassifierHead(nn.Module):
         self.layers = nn.Sequential(*[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)])
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1)                                            # (B, L, 1)
-        first = h[torch.arange(len(h), device=h.device), mask.int().argmax(1)]  # (B, H) first real token
-        mean = (h * m).sum(1) / m.sum(1).clamp(min=1)                     # (B, H)
-        mx = h.masked_fill(~m, torch.finfo(h.dtype).min).max(1).values   # (B, H)
-        return self.layers(torch.cat([first, mean, mx], dim=1))          # (B, n_out)
+        return self.layers(masked_concat_pool(h, mask))                   # (B, H) -> (B, n_out)
 
 
 class SequenceClassifier(PortableHF):
@@ -136,8 +160,8 @@ class SequenceClassifier(PortableHF):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != self.pad_id                                         # (B, L) True at real tokens
-        if self.head is None: return self.hf(input_ids=ids, attention_mask=mask).logits  # (B, C)
-        h = self.hf(input_ids=ids, attention_mask=mask).last_hidden_state # (B, L, H)
+        if self.head is None: return self._call(self.hf, ids, mask).logits # (B, C)
+        h = self._call(self.hf, ids, mask).last_hidden_state              # (B, L, H): memory encoders read it by segments
         return self.head(h, mask)                                         # (B, C)
 
 
@@ -151,7 +175,7 @@ def masked_lm_model(src, tok) -> MaskedLM:
     "A `MaskedLM` from a model folder, hub name or model; the MLM head is new if the checkpoint has none."
     hf = load_hf(src, "masked_lm")
     _check_vocab(hf, tok, src)
-    return MaskedLM(hf, tok.pad_token_id)
+    return (MemoryMaskedLM if hf.config.model_type in MEMORY_MODEL_TYPES else MaskedLM)(hf, tok.pad_token_id)
 
 
 def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, **head_kwargs) -> SequenceClassifier:
@@ -163,13 +187,17 @@ def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, *
                      label2id=None if names is None else {v: k for k, v in names.items()})
         _check_vocab(hf, tok, src)
         return SequenceClassifier(hf, tok.pad_token_id)
-    hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(_model_type(src)))
+    hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     _check_vocab(hf, tok, src)
     return SequenceClassifier(hf, tok.pad_token_id, PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs))
 
 
-def _model_type(src) -> str:
-    "`config.model_type` of a model folder or hub name, without loading weights."
-    try: return AutoConfig.from_pretrained(model_source(src)).model_type
-    except UlmfitError: raise
-    except Exception as e: raise UlmfitError(f"{src}: cannot read its config ({type(e).__name__}: {e})") from None
+def load_config(src):
+    "The config of a model folder or hub name (or model), without loading weights."
+    if isinstance(src, PreTrainedModel): return src.config
+    src = model_source(src)
+    try: return AutoConfig.from_pretrained(src)
+    except Exception as e:
+        where = "its config" if Path(src).exists() else "the config of a hub model from here (no such local folder)"
+        raise UlmfitError(f"{src}: cannot read {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+

@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .errors import UlmfitError
 
-__all__ = ["TOKENIZER_KINDS", "train_tokenizer"]
+__all__ = ["TOKENIZER_KINDS", "unk_token", "train_tokenizer"]
 
 # kind: (special tokens in id order, [CLS]-like, [SEP]-like)
 _SPECIALS = {
@@ -17,9 +17,14 @@ _SPECIALS = {
 TOKENIZER_KINDS = tuple(_SPECIALS)
 
 
+def unk_token(kind: str) -> str:
+    "The unknown-word token of a tokenizer `kind`."
+    return "<unk>" if kind == "bpe" else _SPECIALS[kind][0][1]
+
+
 def _backend(kind: str, vocab_size: int, specials: list[str]) -> tuple[Tokenizer, trainers.Trainer]:
     "An untrained tokenizer of `kind` with its trainer (BERT, RoBERTa and ALBERT conventions)."
-    unk = specials[1] if kind != "bpe" else "<unk>"
+    unk = unk_token(kind)
     if kind == "wordpiece":
         tk = Tokenizer(models.WordPiece(unk_token=unk))
         tk.normalizer = normalizers.BertNormalizer(lowercase=True)

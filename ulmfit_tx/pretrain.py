@@ -1,0 +1,121 @@
+"""ULMFiT's stage 1 from nothing: read a plain-text corpus, train a tokenizer on it, build a new
+encoder of any supported architecture, and train it with the MLM objective. The result is a Hugging
+Face model folder that the rest of the pipeline (finetune-lm, train-clf, fill-mask) reads as any other."""
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+from transformers import (AlbertConfig, AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedTokenizerFast,
+                          RobertaConfig)
+
+from .encoders import MEMORY_MODEL_TYPES, CompressiveConfig, MemXLConfig, ScratchConfig
+from .errors import UlmfitError
+from .io import TABLE_SUFFIXES, read_table
+from .learner import MLMLearner, mlm_learner
+from .mlm import mlm_dataloaders
+from .models import MaskedLM, MemoryMaskedLM
+from .train_tokenizer import train_tokenizer, unk_token
+
+__all__ = ["PRETRAIN_ARCHS", "read_corpus", "new_config", "pretrain_learner"]
+
+# arch: (tokenizer kind, config class)
+PRETRAIN_ARCHS = {"bert": ("wordpiece", BertConfig), "roberta": ("bpe", RobertaConfig), "albert": ("unigram", AlbertConfig),
+                  "scratch": ("wordpiece", ScratchConfig), "memxl": ("wordpiece", MemXLConfig),
+                  "compressive": ("wordpiece", CompressiveConfig)}
+_HEADING = re.compile(r"^ ?= [^=].* = ?$")  # a WikiText article title: " = Title = "
+
+
+def _read_text(path: Path) -> str:
+    try:
+        if path.name.endswith(".gz"): return gzip.open(path, "rt", encoding="utf-8").read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e: raise UlmfitError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+
+
+def _split_docs(text: str, docs: str) -> list[str]:
+    lines = [l.strip() for l in text.splitlines()]
+    if docs == "lines": return [l for l in lines if l]
+    if docs == "files": return [" ".join(l for l in lines if l)]
+    out = []  # articles
+    for l in lines:
+        if _HEADING.match(l) or not out: out.append([])
+        if l: out[-1].append(l)
+    return [" ".join(d) for d in out if d]
+
+
+def read_corpus(
+    path,                    # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
+    docs: str = "lines",     # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
+    text_col: str = "text",  # Column of a CSV/parquet corpus
+) -> list[str]:
+    "The documents of a corpus, checked to hold some text."
+    if docs not in ("lines", "files", "articles"): raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
+    p = Path(path)
+    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
+    if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES):
+        df = read_table(p)
+        if text_col not in df: raise UlmfitError(f"{path}: no column {text_col!r} (columns: {', '.join(map(str, df.columns))})")
+        out = [t for t in df[text_col].astype(str) if t.strip()]
+    else:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".txt", ".txt.gz")))
+        if not files: raise UlmfitError(f"{path}: no .txt or .txt.gz files in the folder")
+        out = [d for f in files for d in _split_docs(_read_text(f), docs)]
+    if not out: raise UlmfitError(f"{path}: the corpus has no text")
+    return out
+
+
+def new_config(
+    arch: str,                     # One of PRETRAIN_ARCHS
+    tok: PreTrainedTokenizerFast,  # The tokenizer trained for it
+    max_len: int = 128,            # Block length (memory encoders: segment length)
+    layers: int = 4,               # Encoder layers
+    hidden: int = 256,             # Hidden size
+    heads: int = 4,                # Attention heads
+    **kwargs,                      # Further config fields (e.g. mem_len, lmem_len, cmem_ratio)
+) -> PreTrainedConfig:
+    "A config of `arch` sized for `tok`, with feed-forward width 4 x hidden."
+    if arch not in PRETRAIN_ARCHS: raise UlmfitError(f"arch must be one of {', '.join(PRETRAIN_ARCHS)}, not {arch!r}")
+    cls = PRETRAIN_ARCHS[arch][1]
+    common = dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=4 * hidden, pad_token_id=tok.pad_token_id)
+    if hidden % heads: raise UlmfitError(f"--hidden {hidden} must be a multiple of --heads {heads}")
+    if cls.model_type in MEMORY_MODEL_TYPES:
+        extra = dict(segment_len=max_len, mem_len=max_len)
+        if cls is CompressiveConfig: extra["cmem_len"] = max_len // 4
+    elif cls is RobertaConfig:
+        extra = dict(max_position_embeddings=max_len + 2, type_vocab_size=1, bos_token_id=tok.cls_token_id,
+                     eos_token_id=tok.sep_token_id)
+    elif cls is AlbertConfig: extra = dict(max_position_embeddings=max_len, embedding_size=min(128, hidden))
+    else: extra = dict(max_position_embeddings=max_len)
+    return cls(**{**common, **extra, **kwargs})
+
+
+def pretrain_learner(
+    texts: list[str],              # Training documents
+    arch: str = "scratch",         # One of PRETRAIN_ARCHS
+    valid_texts: list[str] | None = None,  # Held-out documents (default: 5% of `texts`)
+    vocab_size: int = 8000,        # Tokenizer vocabulary, special tokens included
+    max_len: int = 128,            # Block length; memory encoders: segment length (rows read 2 segments a batch)
+    layers: int = 4, hidden: int = 256, heads: int = 4,  # Encoder size
+    bs: int = 32,                  # Batch size
+    seed: int = 42,                # Seed of the split and of the masking
+    config_kwargs: dict | None = None,  # Further config fields
+    **kwargs,                      # Passed to `mlm_learner` (e.g. `cbs`, `precision`)
+) -> MLMLearner:
+    """A tokenizer trained on `texts`, a new `arch` encoder and an `MLMLearner` over them, ready for
+    `fit_one_cycle`. Memory encoders read whole documents in order (`mode="segments"`)."""
+    kind, _ = PRETRAIN_ARCHS.get(arch, (None, None))
+    if kind is None: raise UlmfitError(f"arch must be one of {', '.join(PRETRAIN_ARCHS)}, not {arch!r}")
+    unk = lambda docs: None if docs is None else [d.replace("<unk>", unk_token(kind)) for d in docs]  # WikiText's unknowns
+    texts, valid_texts = unk(texts), unk(valid_texts)
+    tok = train_tokenizer(texts, kind, vocab_size)
+    config = new_config(arch, tok, max_len, layers, hidden, heads, **(config_kwargs or {}))
+    memory = config.model_type in MEMORY_MODEL_TYPES
+    tok.model_max_length = config.max_position_embeddings - (2 if arch == "roberta" else 0)
+    dls = mlm_dataloaders(texts, tok, max_len=2 * max_len if memory else max_len, mode="segments" if memory else "blocks",
+                          valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed)
+    hf = AutoModelForMaskedLM.from_config(config)
+    model = (MemoryMaskedLM if memory else MaskedLM)(hf, tok.pad_token_id)
+    return mlm_learner(dls, model, **kwargs)
