@@ -65,3 +65,25 @@ def small_df(sample_df):
     train = sample_df[~sample_df.is_valid].groupby("label").head(16)
     valid = sample_df[sample_df.is_valid].groupby("label").head(4)
     return pd.concat([train, valid]).reset_index(drop=True)
+
+
+OWN_ARCHS = ["scratch", "memxl", "compressive"]
+SEGMENT = 16  # segment length of the tiny memory encoders
+
+
+@pytest.fixture(scope="session")
+def own_models(tmp_path_factory, sample_df):
+    "arch -> folder holding a tiny ulmfit_tx encoder (scratch, memxl, compressive) with a WordPiece tokenizer."
+    from ulmfit_tx.pretrain import new_config
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("own_models")
+    tok = train_tokenizer(sample_df.text.tolist()[:300], "wordpiece", 600)
+    out = {}
+    for arch in OWN_ARCHS:
+        config = new_config(arch, tok, max_len=SEGMENT if arch != "scratch" else 128, layers=N_LAYERS, hidden=32, heads=2,
+                            **({"lmem_len": 4} if arch == "memxl" else {}))
+        tok.model_max_length = config.max_position_embeddings
+        AutoModelForMaskedLM.from_config(config).save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out

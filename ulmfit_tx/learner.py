@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
 import numpy as np
 import pandas as pd
-import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
 import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-
+from fastai.torch_core import norm_types
 from fastcore.foundation import L
+from torch import nn
 
 from .archs import clas_splitter, lm_splitter, max_positions
 from .encoders import MEMORY_MODEL_TYPES
@@ -23,7 +24,7 @@ from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_mo
 from .optimizer import ForeachAdamW
 from .tokenize import HFTokenizer, find_tokenizer
 
-__all__ = ["default_precision", "set_precision", "HFLearner", "MLMLearner", "ClassifierLearner", "mlm_learner",
+__all__ = ["default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner", "ClassifierLearner", "mlm_learner",
            "classifier_learner", "ulmfit_lrs", "fit_ulmfit"]
 
 
@@ -42,8 +43,19 @@ def set_precision(learn: Learner, precision: str = "auto") -> Learner:
     return learn
 
 
+def norm_and_bias_params(m: nn.Module, with_bias: bool = True) -> L:
+    """fastai's `norm_bias_params`, also counting RMSNorm and the norm classes of Hugging Face models
+    (any module whose class name has "Norm"): they get no weight decay."""
+    if isinstance(m, norm_types) or "Norm" in type(m).__name__: return L(m.parameters())
+    res = L(m.children()).map(norm_and_bias_params, with_bias=with_bias).concat()
+    if with_bias and getattr(m, "bias", None) is not None: res.append(m.bias)
+    return res
+
+
 class HFLearner(Learner):
     "A `Learner` whose model wraps a Hugging Face model (`learn.model.hf`) and whose data carry an `HFTokenizer`."
+
+    def _bn_bias_state(self, with_bias: bool): return norm_and_bias_params(self.model, with_bias).map(self.opt.state)
 
     @property
     def tokenizer(self) -> HFTokenizer: return find_tokenizer(self.dls)

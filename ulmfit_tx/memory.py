@@ -9,7 +9,12 @@ from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
 from fastai.torch_core import TensorBase
 
-__all__ = ["SegmentDL", "MemoryCallback"]
+__all__ = ["DocStarts", "SegmentDL", "MemoryCallback"]
+
+
+class DocStarts(TensorBase):
+    "Per item: whether it starts a new document (shown as nothing in `show_batch`)."
+    def show(self, ctx=None, **kwargs): return ctx
 
 
 class SegmentDL(TfmdDL):
@@ -59,16 +64,16 @@ class SegmentDL(TfmdDL):
         return super().new(dataset=dataset, cls=cls, **kwargs)
 
     def create_item(self, s):
-        step, row = divmod(s, self.bs)
+        step, row = divmod(s or 0, self.bs)  # fastai asks for item None to learn the types
         if step >= self.steps: raise IndexError
         plan = self.schedule[row]
         out = torch.full((self.chunk_len,), self.pad_id, dtype=torch.long)
-        if step >= len(plan): return (type(self.dataset[0][0])(out), TensorBase(torch.tensor(True)))
+        if step >= len(plan): return (type(self.dataset[0][0])(out), DocStarts(torch.tensor(True)))
         d, j = plan[step]
         ids = self.dataset[d][0]
         piece = torch.as_tensor(ids[j * self.chunk_len:(j + 1) * self.chunk_len])
         out[:len(piece)] = piece
-        return (type(ids)(out), TensorBase(torch.tensor(j == 0)))
+        return (type(ids)(out), DocStarts(torch.tensor(j == 0)))
 
 
 class MemoryCallback(Callback):

@@ -102,6 +102,7 @@ class Block(nn.Module):
     """Pre-norm transformer block. Memories (raw states of earlier segments) go through the same norm as
     the current states before the keys and values are computed, so both share one representation;
     `num_mem_kv` learned slots are always visible ("all-attention" persistent memory)."""
+    normal_init = ("mem_kv",)
 
     def __init__(self, config: EncoderConfig, num_mem_kv: int = 0, gru_gated: bool = False):
         super().__init__()
@@ -193,10 +194,11 @@ class EncoderPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MLMHead): init.zeros_(module.bias)
-        elif isinstance(module, Block) and module.mem_kv is not None: init.normal_(module.mem_kv, std=std)
         elif isinstance(module, nn.GRUCell):
             for p in (module.weight_ih, module.weight_hh): init.normal_(p, std=std)
             for p in (module.bias_ih, module.bias_hh): init.zeros_(p)
+        for name in getattr(module, "normal_init", ()):  # a module's own parameters: small random values
+            if getattr(module, name) is not None: init.normal_(getattr(module, name), std=std)
 
 
 class SegmentedEncoder(EncoderPreTrainedModel):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import initialization as init
 
 from .common import (Attention, EncoderPreTrainedModel, MaskedLMMixin, MemoryConfig, SegmentedEncoder, SequenceClassificationMixin,
                      memory_attention_mask)
@@ -40,6 +39,7 @@ class MemXLMemories:
 class LongMemoryWriter(nn.Module):
     """Writes the long-term memory after a segment: `iters` rounds in which the slots attend over
     [slots; the memory layers' states at real positions], each followed by a gated update."""
+    normal_init = ("init", "depth")
 
     def __init__(self, config: MemXLConfig, n_sources: int):
         super().__init__()
@@ -71,12 +71,6 @@ class MemXLModel(SegmentedEncoder):
         super().__init__(config, num_mem_kv=config.num_mem_kv)
         self.writer = LongMemoryWriter(config, len(self.memory_layers)) if config.lmem_len and self.memory_layers else None
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, LongMemoryWriter):
-            for p in (module.init, module.depth): init.normal_(p, std=self.config.initializer_range)
 
     def empty_memories(self, batch_size: int, device=None) -> MemXLMemories:
         "Memories of new documents: no short-term states, the learned initial long-term memory."
