@@ -49,10 +49,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# Benchmarks (not tests): speed against the Hugging Face Trainer/pipeline, accuracy on IMDb. See bench/README.md.
+# Benchmarks (not tests): speed against the Hugging Face Trainer/pipeline, accuracy on IMDb, the memory
+# encoders against the reference packages. See bench/README.md.
 bench: install
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/imdb.py
+	$(BIN)/python bench/memory_models.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -246,13 +246,22 @@ PAIRS = [("1. classifier fine-tuning", "clf_ours", [("clf_trainer", "Trainer, gr
          ("4. tokenization", "tok_ours", [("tok_raw", "fast tokenizer called in batches of 1,000")], 0.9)]
 
 
-def run_case(a, name: str) -> dict:
-    "Run one case in a fresh process; returns samples, seconds, samples/s and peak memory."
-    cmd = [sys.executable, __file__, "--case", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                        if k not in ("case", "only")]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+def run_case(a, name: str, script: str = __file__) -> dict:
+    "Run one case of `script` in a fresh process; returns samples, seconds, samples/s and peak memory."
+    cmd = [sys.executable, script, "--case", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                                                      if k not in ("case", "only")]
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONWARNINGS": "ignore"})
     if res.returncode != 0: raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_one(a, cases: dict):
+    "The child side of `run_case`: run case `a.case` and print its numbers as one JSON line."
+    import transformers
+    transformers.logging.set_verbosity_error()
+    n, s = cases[a.case](a)
+    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb()}))
 
 
 def table(results: dict, a) -> str:
@@ -303,12 +312,7 @@ def main():
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    if a.case:
-        import transformers
-        transformers.logging.set_verbosity_error()
-        n, s = CASES[a.case](a)
-        print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb()}))
-        return
+    if a.case: return run_one(a, CASES)
     names = [n for n in CASES if not a.only or n in a.only.split(",")]
     results = {}
     for name in names:

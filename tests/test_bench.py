@@ -36,3 +36,15 @@ def test_imdb_benchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "imdb_smoke.json").read_text())["results"]
     assert [r["labels"] for r in rows] == [16, 16, 16] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert "TF-IDF" in out and (tmp_path / "imdb_smoke.png").exists()
+
+
+@needs_imdb
+def test_memory_models_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "memory_models.py", "--vocab", 300, "--dim", 32, "--depth", 1, "--heads", 2, "--seg", 16,
+                "--lmem", 4, "--cmem", 8, "--ratio", 2, "--bs", 2, "--steps", 2, "--warmup", 1, "--n-train", 24,
+                "--n-test", 16, "--max-len", 64, "--epochs", 1, "--clf-bs", 8, "--work", tmp_path / "work"], tmp_path)
+    res = json.loads((tmp_path / "memory_models_cpu.json").read_text())["results"]
+    assert {"memxl_ours", "memxl_ref", "compressive_ours", "compressive_ref", "imdb_scratch", "imdb_memxl"} <= set(res)
+    assert res["memxl_ref_bug"]["samples"] == 0, "the reference fails three backward() calls in a row"
+    assert res["imdb_memxl"]["mean_tokens_read"] > res["imdb_scratch"]["mean_tokens_read"]
+    assert "| Memory Transformer-XL |" in out and "| memxl |" in out

@@ -5,11 +5,14 @@ from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, max_p
 from .data import HFTextBlock, PadTokens, TokenSortedDL, clas_dataloaders
 from .errors import UlmfitError
 from . import encoders  # noqa: F401 (registers scratch, memxl and compressive with the Auto classes)
+from .encoders import CompressiveConfig, MemXLConfig, ScratchConfig
 from .io import read_data, read_folder, read_table
 from .learner import (ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner, set_precision,
                       ulmfit_lrs)
+from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, lm_blocks, mask_tokens, mlm_dataloaders, mlm_loss
-from .models import MaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
+from .models import MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
 from .optimizer import ForeachAdamW
+from .pretrain import new_config, pretrain_learner, read_corpus
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer
 from . import show  # noqa: F401 (registers show_results for text)

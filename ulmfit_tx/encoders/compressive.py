@@ -94,7 +94,8 @@ class CompressiveModel(SegmentedEncoder):
         cpos = -M - cfg.cmem_ratio * torch.arange(C, 0, -1, device=dev)  # compressed slot j sits ratio*(C-j) before the memory
         parts = [(memories.cmem_mask, cpos), (memories.mem_mask, torch.arange(-M, 0, device=dev))]
         with_mem = memory_attention_mask(self.rel_pos, keep, parts, cfg.causal, allowed)  # (B, H, S, C+M+S)
-        plain = memory_attention_mask(self.rel_pos, keep, [], cfg.causal, allowed)        # (B, H, S, S)
+        plain = (memory_attention_mask(self.rel_pos, keep, [], cfg.causal, allowed)       # (B, H, S, S)
+                 if len(self.memory_layers) < len(self.layers) else None)          # for layers without memory
         inputs = []                                                       # each memory layer's input states
         for i, layer in enumerate(self.layers):
             if i in self.memory_layers:

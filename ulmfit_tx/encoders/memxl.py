@@ -94,9 +94,10 @@ class MemXLModel(SegmentedEncoder):
         x = self.drop(self.embed(input_ids))                              # (B, S, D)
         M = memories.mem_mask.shape[1]
         lm = memories.lmem
-        parts = [(torch.ones_like(keep[:, :cfg.num_mem_kv]), None)] if cfg.num_mem_kv else []
-        plain = memory_attention_mask(self.rel_pos, keep, parts, cfg.causal, allowed)  # (B, H, S, P+S)
-        mem_parts = parts + ([(torch.ones_like(lm[..., 0], dtype=torch.bool), None)] if lm is not None else [])
+        parts = [(keep.new_ones(len(keep), cfg.num_mem_kv), None)] if cfg.num_mem_kv else []  # persistent slots
+        plain = (memory_attention_mask(self.rel_pos, keep, parts, cfg.causal, allowed)  # (B, H, S, P+S)
+                 if len(self.memory_layers) < len(self.layers) else None)          # for layers without memory
+        mem_parts = parts + ([(keep.new_ones(len(keep), lm.shape[1]), None)] if lm is not None else [])
         mem_parts.append((memories.mem_mask, torch.arange(-M, 0, device=x.device)))
         with_mem = memory_attention_mask(self.rel_pos, keep, mem_parts, cfg.causal, allowed)  # (B, H, S, P+Lm+M+S)
         inputs = []                                                       # each memory layer's input states
