@@ -89,13 +89,15 @@ class Attention(nn.Module):
         w = self.kv.weight.detach() if detach_weights else self.kv.weight
         return tuple(self.split(t) for t in F.linear(kv, w).chunk(2, dim=-1))
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        "x (B, Q, D), kv (B, K, D), mask: bool (True = attend) or additive float, broadcastable to (B, H, Q, K)."
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None, return_qkv: bool = False):
+        """x (B, Q, D), kv (B, K, D), mask: bool (True = attend) or additive float, broadcastable to (B, H, Q, K).
+        Returns (B, Q, D), and with `return_qkv` also the queries, keys and values (B, H, Q|K, Dh)."""
         q = self.split(self.q(x))                                         # (B, H, Q, Dh)
         k, v = self.keys_values(kv)                                       # (B, H, K, Dh) each
         if mask is not None and mask.is_floating_point(): mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.drop(self.out(y.transpose(1, 2).flatten(2)))         # (B, Q, D)
+        out = self.drop(self.out(y.transpose(1, 2).flatten(2)))          # (B, Q, D)
+        return (out, (q, k, v)) if return_qkv else out
 
 
 class Block(nn.Module):
@@ -118,13 +120,16 @@ class Block(nn.Module):
         if self.gates is None: return x + y
         return self.gates[i](y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])).view_as(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memories: tuple = ()) -> torch.Tensor:
-        "x (B, S, D); memories: tensors (B, M_i, D); mask over the keys [mem_kv, *memories, x]."
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memories: tuple = (), return_qkv: bool = False):
+        """x (B, S, D); memories: tensors (B, M_i, D); mask over the keys [mem_kv, *memories, x].
+        With `return_qkv` also returns the attention's queries, keys and values."""
         h = self.norm1(x)                                                 # (B, S, D)
         kv = [self.mem_kv.expand(len(x), -1, -1)] if self.mem_kv is not None else []
         kv = torch.cat(kv + [self.norm1(m) for m in memories] + [h], dim=1)  # (B, K, D)
-        x = self.residual(x, self.attn(h, kv, mask), 0)
-        return self.residual(x, self.ff(self.norm2(x)), 1)               # (B, S, D)
+        a, qkv = self.attn(h, kv, mask, return_qkv=True)
+        x = self.residual(x, a, 0)
+        x = self.residual(x, self.ff(self.norm2(x)), 1)                  # (B, S, D)
+        return (x, qkv) if return_qkv else x
 
 
 class RelativePositionBias(nn.Module):
@@ -170,7 +175,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias  # (..., V)
+        return F.linear(self.norm(F.gelu(self.dense(h))), self.decoder.weight, self.bias)  # (..., V), one fused addmm
 
 
 class ClassificationHead(nn.Module):

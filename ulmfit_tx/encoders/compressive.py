@@ -96,17 +96,18 @@ class CompressiveModel(SegmentedEncoder):
         with_mem = memory_attention_mask(self.rel_pos, keep, parts, cfg.causal, allowed)  # (B, H, S, C+M+S)
         plain = (memory_attention_mask(self.rel_pos, keep, [], cfg.causal, allowed)       # (B, H, S, S)
                  if len(self.memory_layers) < len(self.layers) else None)          # for layers without memory
-        inputs = []                                                       # each memory layer's input states
+        evict = max(0, M + S - cfg.mem_len)                               # states that leave the memory after it
+        compress = bool(evict and self.compressors)
+        inputs, qkvs = [], []                                             # each memory layer's inputs and attention
         for i, layer in enumerate(self.layers):
             if i in self.memory_layers:
                 k = len(inputs)
                 inputs.append(x)
-                x = layer(x, with_mem, (memories.cmem[k], memories.mem[k]))
+                x, qkv = layer(x, with_mem, (memories.cmem[k], memories.mem[k]), return_qkv=True)
+                qkvs.append(qkv)
             else: x = layer(x, plain)
         # push the segment into the memory; what falls out of it is compressed
-        evict = max(0, M + S - cfg.mem_len)
         full_mask = torch.cat([memories.mem_mask, keep], 1)               # (B, M+S)
-        compress = bool(evict and self.compressors)
         cmem_mask = memories.cmem_mask
         if compress:
             new_mask = self.compressors[0].mask(full_mask[:, :evict])     # (B, ceil(evict / ratio))
@@ -118,23 +119,27 @@ class CompressiveModel(SegmentedEncoder):
             if not compress: cmem.append(c); continue
             new = self.compressors[k](full[:, :evict], full_mask[:, :evict])  # (B, ceil(evict / ratio), D)
             cmem.append(torch.cat([c, new.detach()], 1)[:, -cfg.cmem_len:])
-            if self.training: aux = aux + self.reconstruction_loss(self.layers[self.memory_layers[k]], s,
-                                                                   full[:, :evict], full_mask[:, :evict], new, new_mask)
+            if self.training:
+                q, keys, values = qkvs[k]                                 # the evicted states' keys: C..C+evict
+                aux = aux + self.reconstruction_loss(self.layers[self.memory_layers[k]], q, keys[:, :, C:C + evict],
+                                                     values[:, :, C:C + evict], full_mask[:, :evict], new, new_mask)
         aux = aux * cfg.aux_loss_weight / max(1, len(inputs))
         return self.norm(x), CompressiveMemories(tuple(mem), full_mask[:, evict:], tuple(cmem), cmem_mask), aux
 
     @staticmethod
-    def reconstruction_loss(layer, queries, old, old_mask, new, new_mask) -> torch.Tensor:
-        """How differently the segment's queries read the evicted states and their compression, with the
-        layer's weights detached: its gradient reaches the compressor only."""
+    def reconstruction_loss(layer, q, old_k, old_v, old_mask, new, new_mask) -> torch.Tensor:
+        """How differently the segment's queries q (B, H, S, Dh) read the evicted states (their keys and
+        values from the attention pass) and their compression `new` (B, C', D), everything but `new`
+        detached and the layer's weights too: the gradient reaches the compressor only."""
         rows = old_mask.any(1)                                            # rows that evicted a real token
-        if not rows.any(): return queries.new_zeros(())
-        norm = lambda t: F.rms_norm(t, t.shape[-1:], layer.norm1.weight.detach(), layer.norm1.eps)
-        with torch.no_grad(): q = layer.attn.split(F.linear(norm(queries[rows]), layer.attn.q.weight))  # (b, H, S, Dh)
-        read = lambda states, mask: F.scaled_dot_product_attention(
-            q, *layer.attn.keys_values(norm(states[rows]), detach_weights=True), attn_mask=mask[rows][:, None, None])
-        with torch.no_grad(): target = read(old, old_mask)
-        return F.mse_loss(read(new, new_mask), target)
+        if not rows.any(): return new.new_zeros(())
+        q, old_k, old_v = (t.detach()[rows] for t in (q, old_k, old_v))
+        with torch.no_grad():
+            target = F.scaled_dot_product_attention(q, old_k, old_v, attn_mask=old_mask[rows][:, None, None])
+        normed = F.rms_norm(new[rows], new.shape[-1:], layer.norm1.weight.detach(), layer.norm1.eps)
+        k, v = layer.attn.keys_values(normed, detach_weights=True)        # (b, H, C', Dh)
+        pred = F.scaled_dot_product_attention(q, k, v, attn_mask=new_mask[rows][:, None, None])
+        return F.mse_loss(pred, target)
 
 
 class CompressiveForMaskedLM(MaskedLMMixin, EncoderPreTrainedModel):
