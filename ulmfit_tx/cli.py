@@ -131,12 +131,13 @@ def finetune_lm(a):
     from .io import check_out_dir, read_data
     from .learner import mlm_learner
     from .mlm import mlm_dataloaders
+    from .models import load_config
     from .plots import LossHistory
     check_out_dir(a.out, a.force)
     _seed(a.seed)
     df = read_data(a.data)
     if a.max_rows: df = df.iloc[: a.max_rows]
-    config = _config(a.model)
+    config = load_config(a.model)
     memory = config.model_type in MEMORY_MODEL_TYPES
     mode = a.mode or ("segments" if memory else "blocks")
     max_len = a.max_len or (2 * config.segment_len if memory else 128)
@@ -153,12 +154,6 @@ def finetune_lm(a):
     _save_mlm(learn, hist, metrics, a)
     print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics
-
-
-def _config(model):
-    "The config of a model folder or hub name (with a clear error)."
-    from .models import load_config
-    return load_config(model)
 
 
 def _save_mlm(learn, hist, metrics: dict, a):
@@ -245,7 +240,8 @@ def train_clf(a):
 def _clf_max_len(model) -> int:
     "256 tokens, or up to 2048 for memory encoders (they read long texts segment by segment)."
     from .encoders import MEMORY_MODEL_TYPES
-    config = _config(model)
+    from .models import load_config
+    config = load_config(model)
     return min(2048, config.max_position_embeddings) if config.model_type in MEMORY_MODEL_TYPES else 256
 
 

@@ -7,7 +7,10 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
+from fastai.text.data import TensorText
 from fastai.torch_core import TensorBase
+
+from .data import cached_lengths
 
 __all__ = ["DocStarts", "SegmentDL", "MemoryCallback"]
 
@@ -33,7 +36,8 @@ class SegmentDL(TfmdDL):
         seed: int = 0,           # Seed of the assignment of documents to rows
         **kwargs,                # Passed to `TfmdDL`
     ):
-        lens = [len(dataset[i][0]) for i in range(len(dataset))]
+        lens = cached_lengths(dataset)  # read from the ids computed once, not by running the pipeline per item
+        if lens is None: lens = [len(dataset[i][0]) for i in range(len(dataset))]
         bs = max(1, min(bs, len(lens)))
         self.chunk_len, self.pad_id, self.seed = chunk_len, pad_id, seed
         self.chunks = [-(-n // chunk_len) for n in lens]                 # chunks of each document
@@ -68,12 +72,12 @@ class SegmentDL(TfmdDL):
         if step >= self.steps: raise IndexError
         plan = self.schedule[row]
         out = torch.full((self.chunk_len,), self.pad_id, dtype=torch.long)
-        if step >= len(plan): return (type(self.dataset[0][0])(out), DocStarts(torch.tensor(True)))
+        if step >= len(plan): return (TensorText(out), DocStarts(torch.tensor(True)))
         d, j = plan[step]
         ids = self.dataset[d][0]
         piece = torch.as_tensor(ids[j * self.chunk_len:(j + 1) * self.chunk_len])
         out[:len(piece)] = piece
-        return (type(ids)(out), DocStarts(torch.tensor(j == 0)))
+        return (TensorText(out), DocStarts(torch.tensor(j == 0)))
 
 
 class MemoryCallback(Callback):

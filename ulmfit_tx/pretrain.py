@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import (AlbertConfig, AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedTokenizerFast,
                           RobertaConfig)
 
+from .archs import max_positions
 from .encoders import MEMORY_MODEL_TYPES, CompressiveConfig, MemXLConfig, ScratchConfig
 from .errors import UlmfitError
 from .io import TABLE_SUFFIXES, read_table
@@ -113,7 +114,7 @@ def pretrain_learner(
     tok = train_tokenizer(texts, kind, vocab_size)
     config = new_config(arch, tok, max_len, layers, hidden, heads, **(config_kwargs or {}))
     memory = config.model_type in MEMORY_MODEL_TYPES
-    tok.model_max_length = config.max_position_embeddings - (2 if arch == "roberta" else 0)
+    tok.model_max_length = max_positions(config)
     dls = mlm_dataloaders(texts, tok, max_len=2 * max_len if memory else max_len, mode="segments" if memory else "blocks",
                           valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed)
     hf = AutoModelForMaskedLM.from_config(config)
