@@ -41,7 +41,7 @@ def test_imdb_benchmark_smoke(tmp_path):
 @needs_imdb
 def test_memory_models_benchmark_smoke(tmp_path):
     out = _run([ROOT / "bench" / "memory_models.py", "--vocab", 300, "--dim", 32, "--depth", 1, "--heads", 2, "--seg", 16,
-                "--lmem", 4, "--cmem", 8, "--ratio", 2, "--bs", 2, "--steps", 2, "--warmup", 1, "--n-train", 24,
+                "--lmem", 4, "--cmem", 8, "--ratio", 2, "--bs", 2, "--steps", 2, "--warmup", 1, "--rounds", 1, "--n-train", 24,
                 "--n-test", 16, "--max-len", 64, "--epochs", 1, "--clf-bs", 8, "--work", tmp_path / "work"], tmp_path)
     res = json.loads((tmp_path / "memory_models_cpu.json").read_text())["results"]
     assert {"memxl_ours", "memxl_ref", "compressive_ours", "compressive_ref", "imdb_scratch", "imdb_memxl"} <= set(res)

@@ -1,5 +1,6 @@
 """Memory encoders inside fastai: the segment DataLoader, MemoryCallback, learners, splitters, export,
 the pretrain command, and the synthetic long-range task that only a memory can solve."""
+import json
 import subprocess
 import sys
 import warnings
@@ -8,6 +9,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import load_learner
+from torch import nn
 from transformers import AutoModelForMaskedLM
 
 import ulmfit_tx  # noqa: F401
@@ -16,7 +18,7 @@ from ulmfit_tx.archs import clas_splitter, lm_splitter
 from ulmfit_tx.cli import main
 from ulmfit_tx.encoders import CompressiveConfig, MemXLConfig
 from ulmfit_tx.memory import MemoryCallback, SegmentDL
-from ulmfit_tx.pretrain import read_corpus
+from ulmfit_tx.pretrain import pretrain_learner, read_corpus
 
 from .conftest import N_LAYERS, OWN_ARCHS, ROOT, SEGMENT
 
@@ -80,6 +82,7 @@ def test_own_encoders_split_freeze_export_and_predict(own_models, small_df, tmp_
     assert len(groups) == N_LAYERS + 2
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids)) == len(list(learn.model.parameters()))
+    assert {id(p) for p in learn.model.hf.embed_norm.parameters()} <= {id(p) for p in groups[0]}, "embedding norm with the embeddings"
     learn.freeze_to(-2)
     top = {id(p) for g in learn.opt.param_lists[-2:] for p in g}
     assert all(p.requires_grad == (id(p) in top) for p in learn.model.parameters())
@@ -170,10 +173,26 @@ def test_cli_pretrain_writes_a_folder_the_pipeline_reads(tmp_path, sample_df, ar
     assert main(["pretrain", "--corpus", str(corpus), "--arch", arch, "--out", str(out), "--vocab-size", "500",
                  "--max-len", "32", "--layers", "1", "--hidden", "32", "--heads", "2", "--bs", "8"]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dropout"] == 0 and len(metrics["per_epoch"]) == 1, "one epoch; the final validate() is not one"
+    assert set(metrics["per_epoch"][0]) == {"train_loss", "valid_loss", "masked_accuracy", "perplexity"}
+    config = json.loads((out / "config.json").read_text())  # trained without dropout, saved with the default for fine-tuning
+    assert config.get("hidden_dropout", config.get("hidden_dropout_prob")) == 0.1
     assert main(["fill-mask", "--model", str(out), "the movie was [MASK] ."]) == 0
     assert "mask 1:" in capsys.readouterr().out
     assert AutoModelForMaskedLM.from_pretrained(out).config.model_type == {"scratch": "ulmfit_scratch",
                                                                           "compressive": "ulmfit_compressive"}.get(arch, arch)
+
+
+@pytest.mark.parametrize("arch", ["scratch", "bert"])
+def test_pretrain_learner_trains_without_dropout_and_keeps_the_config_default(sample_df, arch):
+    learn = pretrain_learner(sample_df.text.tolist()[:40], arch, vocab_size=400, max_len=32, layers=1, hidden=32, heads=2)
+    assert {m.p for m in learn.model.modules() if isinstance(m, nn.Dropout)} == {0.0}
+    config = learn.model.hf.config
+    assert config.to_dict().get("hidden_dropout", config.to_dict().get("hidden_dropout_prob")) == 0.1
+    learn = pretrain_learner(sample_df.text.tolist()[:40], arch, vocab_size=400, max_len=32, layers=1, hidden=32, heads=2,
+                             dropout=None)
+    assert 0.1 in {m.p for m in learn.model.modules() if isinstance(m, nn.Dropout)}
 
 
 def test_cli_pretrain_errors_name_the_problem(tmp_path):

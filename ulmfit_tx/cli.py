@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout while pretraining (default 0: faster learning); the saved config keeps the default")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
 
@@ -157,9 +159,10 @@ def finetune_lm(a):
 
 
 def _save_mlm(learn, hist, metrics: dict, a):
-    "The MLM model folder: weights, tokenizer, metrics.json and loss.png, written atomically."
+    "The MLM model folder: weights, tokenizer, metrics.json (with each epoch's metrics) and loss.png, written atomically."
     from .io import atomic_dir
     from .plots import plot_losses
+    metrics["per_epoch"] = hist.epochs
     with atomic_dir(a.out, a.force) as tmp:
         learn.model.hf.save_pretrained(tmp)
         learn.tokenizer.tok.save_pretrained(tmp)
@@ -177,13 +180,13 @@ def pretrain(a):
     valid = read_corpus(a.valid, a.docs, a.text_col) if a.valid else None
     hist = LossHistory()
     learn = pretrain_learner(texts, a.arch, valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
-                             precision=a.precision, cbs=hist)
+                             a.dropout, precision=a.precision, cbs=hist)
     t0 = time.time()
     learn.fit_one_cycle(a.epochs, a.lr)
     train_time = time.time() - t0
     loss, acc, ppl = learn.validate()
     n_params = sum(p.numel() for p in learn.model.parameters())
-    metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr,
+    metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, dropout=a.dropout,
                    max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params, n_train_docs=len(texts),
                    n_valid_docs=len(valid) if valid else None, n_train_items=len(learn.dls.train_ds),
                    train_time_s=train_time)

@@ -16,21 +16,25 @@ __all__ = ["LossHistory", "plot_losses", "plot_confusion", "plot_lr_find"]
 
 
 class LossHistory(Callback):
-    "Keeps training and validation losses across several `fit` calls (fastai's Recorder keeps only the last)."
+    """Keeps training and validation losses, and each epoch's metrics, across several `fit` calls (fastai's
+    Recorder keeps only the last). `learn.validate()` runs as a fit without training: it is not recorded."""
     order = 60  # after Recorder
 
-    def __init__(self): self.train, self.valid, self.stages, self.fitting = [], [], [], False
+    def __init__(self): self.train, self.valid, self.epochs, self.stages, self.trained = [], [], [], [], False
 
-    def before_fit(self): self.stages.append(len(self.train)); self.fitting = True
-
-    def after_fit(self): self.fitting = False
+    def before_fit(self): self.trained = False  # until this fit's first training batch
 
     def after_batch(self):
-        if self.training and self.fitting: self.train.append(self.loss.item())
+        if not self.training: return
+        if not self.trained: self.stages.append(len(self.train)); self.trained = True
+        self.train.append(self.loss.item())
 
     def after_epoch(self):
-        "Validation loss of each epoch of a fit (not of a later `learn.validate()`)."
-        if self.fitting: self.valid.append((len(self.train), self.recorder.values[-1][1]))
+        if not self.trained: return
+        values = self.recorder.values[-1]
+        self.valid.append((len(self.train), values[1]))
+        names = [n for n in self.recorder.metric_names if n not in ("epoch", "time")]
+        self.epochs.append({n: float(v) for n, v in zip(names, values)})
 
 
 def _save(fig, path) -> Path:

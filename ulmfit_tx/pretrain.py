@@ -25,6 +25,9 @@ __all__ = ["PRETRAIN_ARCHS", "read_corpus", "new_config", "pretrain_learner"]
 PRETRAIN_ARCHS = {"bert": ("wordpiece", BertConfig), "roberta": ("bpe", RobertaConfig), "albert": ("unigram", AlbertConfig),
                   "scratch": ("wordpiece", ScratchConfig), "memxl": ("wordpiece", MemXLConfig),
                   "compressive": ("wordpiece", CompressiveConfig)}
+# dropout inside the encoder (ours; BERT, RoBERTa, ALBERT): off while pretraining, kept for fine-tuning
+DROPOUT_FIELDS = ("hidden_dropout", "attn_dropout", "attn_layer_dropout", "ff_dropout", "hidden_dropout_prob",
+                  "attention_probs_dropout_prob")
 _HEADING = re.compile(r"^ ?= [^=].* = ?$")  # a WikiText article title: " = Title = "
 
 
@@ -102,11 +105,14 @@ def pretrain_learner(
     layers: int = 4, hidden: int = 256, heads: int = 4,  # Encoder size
     bs: int = 32,                  # Batch size
     seed: int = 42,                # Seed of the split and of the masking
+    dropout: float | None = 0.0,   # Dropout while pretraining (short runs learn faster without); None: the config's
     config_kwargs: dict | None = None,  # Further config fields
     **kwargs,                      # Passed to `mlm_learner` (e.g. `cbs`, `precision`)
 ) -> MLMLearner:
     """A tokenizer trained on `texts`, a new `arch` encoder and an `MLMLearner` over them, ready for
-    `fit_one_cycle`. Memory encoders read whole documents in order (`mode="segments"`)."""
+    `fit_one_cycle`. Memory encoders read whole documents in order (`mode="segments"`). The model is built
+    with `dropout`, but its config keeps the architecture's default dropout: that is what a saved folder
+    gives the fine-tuning stages."""
     kind, _ = PRETRAIN_ARCHS.get(arch, (None, None))
     if kind is None: raise UlmfitError(f"arch must be one of {', '.join(PRETRAIN_ARCHS)}, not {arch!r}")
     unk = lambda docs: None if docs is None else [d.replace("<unk>", unk_token(kind)) for d in docs]  # WikiText's unknowns
@@ -117,6 +123,9 @@ def pretrain_learner(
     tok.model_max_length = max_positions(config)
     dls = mlm_dataloaders(texts, tok, max_len=2 * max_len if memory else max_len, mode="segments" if memory else "blocks",
                           valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed)
-    hf = AutoModelForMaskedLM.from_config(config)
+    defaults = {f: getattr(config, f) for f in DROPOUT_FIELDS if hasattr(config, f)}
+    hf = AutoModelForMaskedLM.from_config(config if dropout is None else config.__class__(**{**config.to_dict(),
+                                          **dict.fromkeys(defaults, dropout)}))
+    hf.config.update(defaults)                                            # the modules keep `dropout`
     model = (MemoryMaskedLM if memory else MaskedLM)(hf, tok.pad_token_id)
     return mlm_learner(dls, model, **kwargs)

@@ -23,5 +23,5 @@ for config, base, mlm, clf in FAMILIES:
     for auto, cls in ((AutoModel, base), (AutoModelForMaskedLM, mlm), (AutoModelForSequenceClassification, clf)):
         auto.register(config, cls, exist_ok=True)
     # embeddings (and the relative position bias) first, then each block; the rest goes with the head
-    register_arch(config.model_type, ArchSpec(["embed", "pos" if config is ScratchConfig else "rel_pos"], "layers",
+    register_arch(config.model_type, ArchSpec(["embed", "pos" if config is ScratchConfig else "rel_pos", "embed_norm"], "layers",
                                               lambda m, h: m.lm_head(h)))

@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-__all__ = ["EncoderConfig", "MemoryConfig", "SegmentedEncoder", "EncoderOutput", "HeadOutput", "FeedForward", "Attention", "Block", "RelativePositionBias",
+__all__ = ["EncoderConfig", "MemoryConfig", "SegmentedEncoder", "EncoderOutput", "HeadOutput", "FeedForward", "attend", "Attention", "Block", "RelativePositionBias",
            "masked_concat_pool", "attention_keep", "memory_attention_mask", "MLMHead", "ClassificationHead", "EncoderPreTrainedModel", "MaskedLMMixin",
            "SequenceClassificationMixin"]
 
@@ -70,8 +70,20 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax attention of q (B, H, Q, Dh) over k, v (B, H, K, Dh) -> (B, H, Q, Dh). torch's SDPA, except
+    when the additive mask needs a gradient (a learned position bias): SDPA then falls back to its
+    unfused math path, and one `baddbmm` (scores, scale and bias in one call) and a `bmm` do the same work faster."""
+    if mask is None or not mask.requires_grad: return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    (B, H, Q, Dh), K = q.shape, k.shape[2]
+    scores = torch.baddbmm(mask.expand(B, H, Q, K).reshape(B * H, Q, K), q.reshape(B * H, Q, Dh),
+                           k.reshape(B * H, K, Dh).transpose(1, 2), alpha=Dh ** -0.5)  # (BH, Q, K)
+    probs = F.dropout(scores.softmax(-1), dropout_p)
+    return torch.bmm(probs, v.reshape(B * H, K, Dh)).view(B, H, Q, Dh)
+
+
 class Attention(nn.Module):
-    "Multi-head attention of queries from `x` over keys/values from `kv`, with torch's fused SDPA kernels."
+    "Multi-head attention of queries from `x` over keys/values from `kv` (computed by `attend`)."
 
     def __init__(self, dim: int, heads: int, attn_dropout: float = 0.0, out_dropout: float = 0.0):
         super().__init__()
@@ -95,7 +107,7 @@ class Attention(nn.Module):
         q = self.split(self.q(x))                                         # (B, H, Q, Dh)
         k, v = self.keys_values(kv)                                       # (B, H, K, Dh) each
         if mask is not None and mask.is_floating_point(): mask = mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, Q, Dh)
         out = self.drop(self.out(y.transpose(1, 2).flatten(2)))          # (B, Q, D)
         return (out, (q, k, v)) if return_qkv else out
 
@@ -207,9 +219,9 @@ class EncoderPreTrainedModel(PreTrainedModel):
 
 
 class SegmentedEncoder(EncoderPreTrainedModel):
-    """Base of the memory encoders: token embeddings, relative positions, blocks and a final norm; the
-    forward reads an input of any length one segment at a time and carries the memories. A family
-    defines `empty_memories`, `reset_memories` and `segment_forward`."""
+    """Base of the memory encoders: token embeddings with an RMSNorm (as `scratch`), relative positions,
+    blocks and a final norm; the forward reads an input of any length one segment at a time and carries
+    the memories. A family defines `empty_memories`, `reset_memories` and `segment_forward`."""
 
     def __init__(self, config: MemoryConfig, **block_kwargs):
         super().__init__(config)
@@ -218,6 +230,7 @@ class SegmentedEncoder(EncoderPreTrainedModel):
         if any(not 0 <= i < n for i in layers): raise ValueError(f"memory_layers {layers} must lie in 0..{n - 1}")
         self.memory_layers = layers
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.drop = nn.Dropout(config.hidden_dropout)
         self.rel_pos = RelativePositionBias(config.num_attention_heads, config.rel_pos_buckets, config.rel_pos_max_distance)
         self.layers = nn.ModuleList([Block(config, **block_kwargs) for _ in range(n)])

@@ -89,7 +89,7 @@ class CompressiveModel(SegmentedEncoder):
         """One segment: ids and keep (B, S) -> states (B, S, D), the next memories and the reconstruction
         loss (0 until a state is evicted, and outside training)."""
         cfg, dev = self.config, input_ids.device
-        x = self.drop(self.embed(input_ids))                              # (B, S, D)
+        x = self.drop(self.embed_norm(self.embed(input_ids)))                # (B, S, D)
         M, C, S = memories.mem_mask.shape[1], memories.cmem_mask.shape[1], keep.shape[1]
         cpos = -M - cfg.cmem_ratio * torch.arange(C, 0, -1, device=dev)  # compressed slot j sits ratio*(C-j) before the memory
         parts = [(memories.cmem_mask, cpos), (memories.mem_mask, torch.arange(-M, 0, device=dev))]
@@ -133,12 +133,13 @@ class CompressiveModel(SegmentedEncoder):
         detached and the layer's weights too: the gradient reaches the compressor only."""
         rows = old_mask.any(1)                                            # rows that evicted a real token
         if not rows.any(): return new.new_zeros(())
-        q, old_k, old_v = (t.detach()[rows] for t in (q, old_k, old_v))
-        with torch.no_grad():
-            target = F.scaled_dot_product_attention(q, old_k, old_v, attn_mask=old_mask[rows][:, None, None])
-        normed = F.rms_norm(new[rows], new.shape[-1:], layer.norm1.weight.detach(), layer.norm1.eps)
+        if not rows.all():  # the others would attend to nothing
+            q, old_k, old_v, old_mask, new, new_mask = (t[rows] for t in (q, old_k, old_v, old_mask, new, new_mask))
+        q, old_k, old_v = q.detach(), old_k.detach(), old_v.detach()
+        with torch.no_grad(): target = F.scaled_dot_product_attention(q, old_k, old_v, attn_mask=old_mask[:, None, None])
+        normed = F.rms_norm(new, new.shape[-1:], layer.norm1.weight.detach(), layer.norm1.eps)
         k, v = layer.attn.keys_values(normed, detach_weights=True)        # (b, H, C', Dh)
-        pred = F.scaled_dot_product_attention(q, k, v, attn_mask=new_mask[rows][:, None, None])
+        pred = F.scaled_dot_product_attention(q, k, v, attn_mask=new_mask[:, None, None])
         return F.mse_loss(pred, target)
 
 
