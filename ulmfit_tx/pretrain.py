@@ -124,8 +124,8 @@ def pretrain_learner(
     dls = mlm_dataloaders(texts, tok, max_len=2 * max_len if memory else max_len, mode="segments" if memory else "blocks",
                           valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed)
     defaults = {f: getattr(config, f) for f in DROPOUT_FIELDS if hasattr(config, f)}
-    hf = AutoModelForMaskedLM.from_config(config if dropout is None else config.__class__(**{**config.to_dict(),
-                                          **dict.fromkeys(defaults, dropout)}))
+    if dropout is not None: config.update(dict.fromkeys(defaults, dropout))
+    hf = AutoModelForMaskedLM.from_config(config)
     hf.config.update(defaults)                                            # the modules keep `dropout`
     model = (MemoryMaskedLM if memory else MaskedLM)(hf, tok.pad_token_id)
     return mlm_learner(dls, model, **kwargs)

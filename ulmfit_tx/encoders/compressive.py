@@ -89,7 +89,7 @@ class CompressiveModel(SegmentedEncoder):
         """One segment: ids and keep (B, S) -> states (B, S, D), the next memories and the reconstruction
         loss (0 until a state is evicted, and outside training)."""
         cfg, dev = self.config, input_ids.device
-        x = self.drop(self.embed_norm(self.embed(input_ids)))                # (B, S, D)
+        x = self.drop(self.embed_norm(self.embed(input_ids)))           # (B, S, D)
         M, C, S = memories.mem_mask.shape[1], memories.cmem_mask.shape[1], keep.shape[1]
         cpos = -M - cfg.cmem_ratio * torch.arange(C, 0, -1, device=dev)  # compressed slot j sits ratio*(C-j) before the memory
         parts = [(memories.cmem_mask, cpos), (memories.mem_mask, torch.arange(-M, 0, device=dev))]

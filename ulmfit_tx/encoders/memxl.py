@@ -91,7 +91,7 @@ class MemXLModel(SegmentedEncoder):
         `index` counts the segments of the call (for `detach_every`); `allowed` (B, S, S) overrides the
         in-segment attention pattern."""
         cfg = self.config
-        x = self.drop(self.embed_norm(self.embed(input_ids)))                # (B, S, D)
+        x = self.drop(self.embed_norm(self.embed(input_ids)))           # (B, S, D)
         M = memories.mem_mask.shape[1]
         lm = memories.lmem
         parts = [(keep.new_ones(len(keep), cfg.num_mem_kv), None)] if cfg.num_mem_kv else []  # persistent slots
