@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from speed import DATA, HERE, device, reviews, run_case, run_one
+from speed import DATA, HERE, device, reviews, run_case, run_one, run_rounds
 
 REFS = HERE / ".refs"
 REF_PACKAGES = ["memory-transformer-xl==0.1.0", "compressive-transformer-pytorch==0.4.0", "mogrifier==0.0.5", "einops==0.8.1"]
@@ -148,18 +148,14 @@ SPEED_CASES = [c for _, ours, ref in SPEED for c in (ours, ref)]
 
 
 def speed_rounds(a) -> dict:
-    """Each speed case `a.rounds` times, each run in a fresh process, ours and the reference alternating,
-    so that a slow spell of the machine hits both: the median step time of each case, and every round's."""
-    rounds = {name: [] for name in SPEED_CASES}
-    for r in range(a.rounds):
-        for name in SPEED_CASES:
-            rounds[name].append(run_case(a, name, __file__))
-            print(f"round {r + 1} {name:18s} {1000 * rounds[name][-1]['seconds'] / a.steps:.1f} ms/step", flush=True)
+    """The speed cases in alternating rounds (`run_rounds`), ours and the reference in turn: the median
+    step time of each case, and every round's."""
+    runs = run_rounds(a, SPEED_CASES, lambda run: f"{1000 * run['seconds'] / a.steps:.1f} ms/step", __file__)
     results = {}
-    for name, runs in rounds.items():
-        steps = sorted(x["seconds"] / a.steps for x in runs)
-        results[name] = {"step_s": steps[len(steps) // 2], "rounds_step_s": [x["seconds"] / a.steps for x in runs],
-                         "peak_mb": max(x["peak_mb"] for x in runs)}
+    for name, rs in runs.items():
+        steps = sorted(x["seconds"] / a.steps for x in rs)
+        results[name] = {"step_s": steps[len(steps) // 2], "rounds_step_s": [x["seconds"] / a.steps for x in rs],
+                         "peak_mb": max(x["peak_mb"] for x in rs)}
     return results
 
 

@@ -249,11 +249,22 @@ PAIRS = [("1. classifier fine-tuning", "clf_ours", [("clf_trainer", "Trainer, gr
 def run_case(a, name: str, script: str = __file__) -> dict:
     "Run one case of `script` in a fresh process; returns samples, seconds, samples/s and peak memory."
     cmd = [sys.executable, script, "--case", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                      if k not in ("case", "only")]
+                                                      if k not in ("case", "only", "rounds")]
     res = subprocess.run(cmd, capture_output=True, text=True,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONWARNINGS": "ignore"})
     if res.returncode != 0: raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(a, names: list[str], report, script: str = __file__) -> dict[str, list[dict]]:
+    """Each case `a.rounds` times, each time in a fresh process, cycling through the cases so that a slow
+    spell of the machine hits them all alike; `report(run)` is the number printed per run."""
+    runs = {name: [] for name in names}
+    for r in range(a.rounds):
+        for name in names:
+            runs[name].append(run_case(a, name, script))
+            print(f"round {r + 1} {name:18s} {report(runs[name][-1])}", flush=True)
+    return runs
 
 
 def run_one(a, cases: dict):
@@ -309,16 +320,17 @@ def main():
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only", default="", help="comma-separated cases to run (default: all)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each case, cycling through the cases (the median is reported)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
     if a.case: return run_one(a, CASES)
     names = [n for n in CASES if not a.only or n in a.only.split(",")]
+    runs = run_rounds(a, names, lambda run: f"{run['samples_per_s']:8.1f} samples/s  peak {run['peak_mb']:.0f} MB")
     results = {}
-    for name in names:
-        results[name] = run_case(a, name)
-        print(f"{name:18s} {results[name]['samples_per_s']:8.1f} samples/s  peak {results[name]['peak_mb']:.0f} MB",
-              flush=True)
+    for name, rs in runs.items():  # the median run, every round's throughput, the largest peak
+        results[name] = {**sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2],
+                         "rounds_samples_per_s": [r["samples_per_s"] for r in rs], "peak_mb": max(r["peak_mb"] for r in rs)}
     import torch
     env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,

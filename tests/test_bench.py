@@ -21,11 +21,12 @@ def _run(args, tmp_path):
 @needs_imdb
 def test_speed_benchmark_smoke(tmp_path):
     out = _run([ROOT / "bench" / "speed.py", "--n-train", 16, "--n-mlm", 16, "--n-infer", 24, "--n-tok", 64,
-                "--max-len", 32, "--bs", 8, "--work", tmp_path / "work"], tmp_path)
+                "--max-len", 32, "--bs", 8, "--rounds", 1, "--work", tmp_path / "work"], tmp_path)
     res = json.loads((tmp_path / "speed_cpu.json").read_text())["results"]
     assert set(res) == {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
                         "infer_pipeline", "tok_ours", "tok_raw"}
-    assert all(r["samples_per_s"] > 0 and r["peak_mb"] > 0 for r in res.values())
+    assert all(r["samples_per_s"] > 0 and r["peak_mb"] > 0 and r["rounds_samples_per_s"] == [r["samples_per_s"]]
+               for r in res.values())
     assert "| 4. tokenization |" in out and (tmp_path / "speed_cpu.png").exists()
 
 

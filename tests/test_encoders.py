@@ -7,7 +7,6 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceCl
 
 import ulmfit_tx  # noqa: F401 (registers the encoders with the Auto classes)
 from ulmfit_tx.encoders import CompressiveConfig, MemXLConfig, ScratchConfig
-from ulmfit_tx.encoders.common import attend
 from ulmfit_tx.encoders.compressive import Compressor
 
 V, S = 60, 8  # vocabulary, segment length
@@ -45,22 +44,6 @@ def test_scratch_masks_padding_ties_head_and_round_trips(tmp_path):
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
     out = clf(x, keep, labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3) and out.loss.ndim == 0
-
-
-def test_attend_with_a_learned_bias_matches_sdpa():
-    "The baddbmm path (taken when the additive mask needs a gradient) gives SDPA's output and gradients."
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
-    bias = torch.randn(1, 3, 5, 7, generator=g)
-    keep = torch.rand(2, 1, 1, 7, generator=g) > 0.3
-    keep[..., 0] = True
-    results = []
-    for fn in (attend, F.scaled_dot_product_attention):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        out = fn(*leaves[:3], leaves[3].masked_fill(~keep, float("-inf")))  # (2, 3, 5, 8)
-        (out * torch.arange(8.0)).sum().backward()
-        results.append([out] + [t.grad for t in leaves])
-    for a, b in zip(*results): assert torch.allclose(a, b, atol=1e-5)
 
 
 # both memory models ----------------------------------------------------------------------------------------

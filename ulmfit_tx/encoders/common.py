@@ -14,7 +14,9 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-__all__ = ["EncoderConfig", "MemoryConfig", "SegmentedEncoder", "EncoderOutput", "HeadOutput", "FeedForward", "attend", "Attention", "Block", "RelativePositionBias",
+from ..attention import attend
+
+__all__ = ["EncoderConfig", "MemoryConfig", "SegmentedEncoder", "EncoderOutput", "HeadOutput", "FeedForward", "Attention", "Block", "RelativePositionBias",
            "masked_concat_pool", "attention_keep", "memory_attention_mask", "MLMHead", "ClassificationHead", "EncoderPreTrainedModel", "MaskedLMMixin",
            "SequenceClassificationMixin"]
 
@@ -68,18 +70,6 @@ class HeadOutput(ModelOutput):
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Softmax attention of q (B, H, Q, Dh) over k, v (B, H, K, Dh) -> (B, H, Q, Dh). torch's SDPA, except
-    when the additive mask needs a gradient (a learned position bias): SDPA then falls back to its
-    unfused math path, and one `baddbmm` (scores, scale and bias in one call) and a `bmm` do the same work faster."""
-    if mask is None or not mask.requires_grad: return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    (B, H, Q, Dh), K = q.shape, k.shape[2]
-    scores = torch.baddbmm(mask.expand(B, H, Q, K).reshape(B * H, Q, K), q.reshape(B * H, Q, Dh),
-                           k.reshape(B * H, K, Dh).transpose(1, 2), alpha=Dh ** -0.5)  # (BH, Q, K)
-    probs = F.dropout(scores.softmax(-1), dropout_p)
-    return torch.bmm(probs, v.reshape(B * H, K, Dh)).view(B, H, Q, Dh)
 
 
 class Attention(nn.Module):

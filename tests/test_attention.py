@@ -1,0 +1,97 @@
+"""Attention kernels: `attend` against torch's SDPA, its fast CPU dropout, and the "ulmfit_tx" attention
+function that the learners switch Hugging Face models to."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForMaskedLM
+
+import ulmfit_tx.attention as attention
+from ulmfit_tx.attention import attend, dropout_keep, use_fast_attention
+from ulmfit_tx.models import MaskedLM
+
+from .conftest import ARCHS
+
+
+def qkv_mask(seed=0, learned=False):
+    "q (2, 3, 5, 8), k, v (2, 3, 7, 8) and an additive mask: a learned bias with padded keys, or padding only."
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    keep = torch.rand(2, 1, 1, 7, generator=g) > 0.3
+    keep[..., 0] = True
+    bias = torch.randn(1, 3, 5, 7, generator=g) if learned else torch.zeros(1, 1, 1, 7)
+    return q, k, v, bias.masked_fill(~keep, float("-inf"))
+
+
+def grads_of(fn, q, k, v, mask):
+    "Output of `fn` and the gradients of q, k, v and the mask (when it is a float tensor)."
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in (q, k, v, mask)]
+    out = fn(*leaves)
+    (out * torch.arange(8.0)).sum().backward()
+    return [out] + [t.grad for t in leaves]
+
+
+def test_attend_with_a_learned_bias_matches_sdpa():
+    "The baddbmm path (taken when the additive mask needs a gradient) gives SDPA's output and gradients."
+    q, k, v, mask = qkv_mask(learned=True)
+    ours, ref = grads_of(attend, q, k, v, mask), grads_of(F.scaled_dot_product_attention, q, k, v, mask)
+    for a, b in zip(ours, ref): assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dropout_keep_drops_p_and_is_seeded():
+    torch.manual_seed(0)
+    keep, scale = dropout_keep((1000, 1000), 0.1)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    assert abs((~keep).float().mean().item() - 0.1) < 0.002, "wrong dropout rate"
+    assert abs(scale - 1 / 0.9) < 1e-4
+    assert keep.float().mean(0).std() < 0.002 * 10, "columns are not equally dropped"
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep((1000, 1000), 0.1)[0], keep), "not reproducible under torch.manual_seed"
+    assert dropout_keep((7,), 0.0)[0].all()
+    with pytest.raises(ValueError, match="dropout probability"): dropout_keep((3,), 1.0)
+
+
+@pytest.mark.parametrize("bool_mask", [False, True], ids=["additive", "bool"])
+def test_attend_cpu_dropout_is_dropout_on_the_probabilities(bool_mask):
+    "On CPU with dropout: softmax, then `dropout_keep`'s mask and scale, then the values; gradients included."
+    q, k, v, mask = qkv_mask()
+    if bool_mask: mask = mask == 0
+
+    def reference(q, k, v, mask):
+        torch.manual_seed(3)
+        keep, scale = dropout_keep((6, 5, 7), 0.25)
+        probs = (q @ k.transpose(-1, -2) / 8 ** 0.5 + torch.zeros(mask.shape).masked_fill(~mask, -1e30) if bool_mask
+                 else q @ k.transpose(-1, -2) / 8 ** 0.5 + mask).softmax(-1)
+        return probs * keep.view(2, 3, 5, 7) * scale @ v
+
+    def ours(q, k, v, mask):
+        torch.manual_seed(3)
+        return attend(q, k, v, mask, 0.25)
+
+    for a, b in zip(grads_of(ours, q, k, v, mask)[:4], grads_of(reference, q, k, v, mask)[:4]):
+        assert torch.allclose(a, b, atol=1e-5)
+    torch.manual_seed(3)
+    assert not torch.allclose(attend(q, k, v, mask, 0.25), attend(q, k, v, mask, 0.0)), "no dropout applied"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypatch):
+    "Wrapped models run `hf_attention`: SDPA's results in eval mode, `attend` when training with dropout on CPU."
+    dropout = {"attention_dropout" if arch == "distilbert" else "attention_probs_dropout_prob": 0.1}  # ALBERT's default is 0
+    sdpa = AutoModelForMaskedLM.from_pretrained(tiny_models[arch], **dropout).eval()
+    pad = sdpa.config.pad_token_id
+    hf = MaskedLM(AutoModelForMaskedLM.from_pretrained(tiny_models[arch], **dropout), pad).hf.eval()
+    assert (sdpa.config._attn_implementation, hf.config._attn_implementation) == ("sdpa", "ulmfit_tx")
+    ids = torch.randint(5, 100, (2, 12))
+    ids[0, 9:] = pad
+    keep = ids != pad
+    with torch.no_grad(): a, b = hf(input_ids=ids, attention_mask=keep).logits, sdpa(input_ids=ids, attention_mask=keep).logits
+    assert torch.allclose(a[keep], b[keep], atol=1e-5)
+    calls = []
+    monkeypatch.setattr(attention, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
+    hf.train()(input_ids=ids, attention_mask=keep).logits.sum().backward()
+    assert calls and all(p > 0 for p in calls), "training on CPU with dropout did not use attend"
+
+
+def test_use_fast_attention_leaves_our_own_encoders_alone(own_models):
+    hf = AutoModelForMaskedLM.from_pretrained(own_models["scratch"])
+    assert use_fast_attention(hf).config._attn_implementation != "ulmfit_tx"
