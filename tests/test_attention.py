@@ -43,7 +43,8 @@ def test_dropout_keep_drops_p_and_is_seeded():
     assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
     assert abs((~keep).float().mean().item() - 0.1) < 0.002, "wrong dropout rate"
     assert abs(scale - 1 / 0.9) < 1e-4
-    assert keep.float().mean(0).std() < 0.002 * 10, "columns are not equally dropped"
+    lanes = (~keep).view(-1, 4).float().mean(0)  # each 16-bit slice of a 64-bit word, separately
+    assert ((lanes - 0.1).abs() < 0.004).all(), f"some 16-bit slices drop at the wrong rate: {lanes.tolist()}"
     torch.manual_seed(0)
     assert torch.equal(dropout_keep((1000, 1000), 0.1)[0], keep), "not reproducible under torch.manual_seed"
     assert dropout_keep((7,), 0.0)[0].all()
@@ -74,7 +75,7 @@ def test_attend_cpu_dropout_is_dropout_on_the_probabilities(bool_mask):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypatch):
+def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypatch, tmp_path):
     "Wrapped models run `hf_attention`: SDPA's results in eval mode, `attend` when training with dropout on CPU."
     dropout = {"attention_dropout" if arch == "distilbert" else "attention_probs_dropout_prob": 0.1}  # ALBERT's default is 0
     sdpa = AutoModelForMaskedLM.from_pretrained(tiny_models[arch], **dropout).eval()
@@ -90,6 +91,8 @@ def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypa
     monkeypatch.setattr(attention, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
     hf.train()(input_ids=ids, attention_mask=keep).logits.sum().backward()
     assert calls and all(p > 0 for p in calls), "training on CPU with dropout did not use attend"
+    hf.save_pretrained(tmp_path)  # a saved folder must load without ulmfit_tx
+    assert "ulmfit_tx" not in (tmp_path / "config.json").read_text()
 
 
 def test_use_fast_attention_leaves_our_own_encoders_alone(own_models):
