@@ -17,7 +17,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 __all__ = ["dropout_keep", "attend", "hf_attention", "use_fast_attention"]
 
 
-def dropout_keep(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+def dropout_keep(shape: torch.Size | tuple[int, ...], p: float,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
     """A boolean keep-mask of `shape` whose elements are False with probability `p` (to 1/65536), and
     the scale 1/P(keep) that preserves the expectation. Each element reads 16 bits of a random 64-bit
     word: on CPU about 4x faster than `bernoulli_`. Reproducible under `torch.manual_seed`."""
@@ -42,7 +43,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q, kt, v = q.reshape(B * H, Q, Dh), k.reshape(B * H, K, Dh).transpose(1, 2), v.reshape(B * H, K, Dh)
     if mask is None: scores = torch.bmm(q * scale, kt)                                        # (BH, Q, K)
     else:
-        if mask.dtype == torch.bool: mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        if mask.dtype == torch.bool:  # True: attend -> additive
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
         scores = torch.baddbmm(mask.expand(B, H, Q, K).reshape(B * H, Q, K), q, kt, alpha=scale)  # (BH, Q, K)
     probs = scores.softmax(-1)
     if dropout_p > 0:
@@ -51,10 +53,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.bmm(probs, v).view(B, H, Q, Dh)
 
 
-def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                 dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs) -> tuple[torch.Tensor, None]:
     """A Hugging Face attention function (the signature of transformers' `sdpa_attention_forward`):
     `attend` while training on CPU with attention dropout, otherwise transformers' own SDPA function."""
+    # `attend` covers plain multi-head attention: no grouped key/value heads, no mask-less causal attention
     plain = key.shape[1] == query.shape[1] and (attention_mask is not None or not getattr(module, "is_causal", False))
     if not (dropout > 0 and query.device.type == "cpu" and plain):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
