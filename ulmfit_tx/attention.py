@@ -36,7 +36,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     falls back to its slow unfused math path and one `baddbmm` (scores, scale and mask), a softmax,
     `dropout_keep` and a `bmm` do the same work faster: a mask that needs a gradient (a learned position
     bias), and attention dropout on CPU."""
-    if not (dropout_p > 0 and q.device.type == "cpu") and (mask is None or not mask.requires_grad):
+    cpu_dropout, learned_mask = dropout_p > 0 and q.device.type == "cpu", mask is not None and mask.requires_grad
+    if not (cpu_dropout or learned_mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     (B, H, Q, Dh), K = q.shape, k.shape[2]
     scale = Dh ** -0.5 if scale is None else scale
