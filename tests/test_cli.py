@@ -5,6 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
+from ulmfit_tx import cli
 from ulmfit_tx.cli import main
 
 
@@ -40,6 +41,23 @@ def test_finetune_lm_writes_a_hugging_face_folder_and_metrics(lm_dir):
         assert (lm_dir / f).exists(), f
     m = json.loads((lm_dir / "metrics.json").read_text())
     assert m["perplexity"] > 1 and 0 <= m["masked_accuracy"] <= 1 and m["mlm_loss"] > 0
+
+
+def test_finetune_lm_reads_a_text_corpus_by_article_with_its_own_held_out_file(tiny_models, sample_df, tmp_path):
+    "Continued pretraining on a WikiText-style .txt.gz corpus: ' = Title = ' articles, `<unk>`, a --valid file."
+    import gzip
+    texts = [" ".join(t.split()) for t in sample_df.text]                 # one line each
+    article = lambda i: f" = Title {i} = \n\n {texts[i]} an <unk> word \n {texts[i + 20]} \n"
+    with gzip.open(tmp_path / "train.txt.gz", "wt") as f: f.write("".join(article(i) for i in range(12)))
+    (tmp_path / "valid.txt").write_text("".join(article(i) for i in range(12, 15)))
+    assert cli._lm_texts(tmp_path / "valid.txt", "articles", "[UNK]") == [
+        f"= Title {i} = {texts[i]} an [UNK] word {texts[i + 20]}" for i in range(12, 15)]
+    out = tmp_path / "lm"
+    assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--data", str(tmp_path / "train.txt.gz"),
+                 "--docs", "articles", "--valid", str(tmp_path / "valid.txt"), "--mode", "docs", "--out", str(out),
+                 "--max-len", "32", "--bs", "4"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n_train_items"], m["n_valid_items"]) == (12, 3), "one item per article, all 12 trained on"
 
 
 def test_train_clf_ulmfit_writes_export_metrics_and_plots(clf_dir):

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlm-prob", type=float, default=0.15, help="share of tokens chosen for prediction")
     p.add_argument("--whole-word", action="store_true", help="choose whole words")
     p.add_argument("--valid-pct", type=float, default=0.1, help="share of texts held out for the metrics")
+    p.add_argument("--valid", help="held-out texts for the metrics instead (same forms as --data)")
+    p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
+                   help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article")
     p.add_argument("--max-rows", type=int, help="use only the first N texts")
 
     p = sub.add_parser("pretrain", help="train a tokenizer and a new encoder from scratch with the MLM objective")
@@ -128,22 +131,32 @@ def _seed(seed: int):
     set_seed(seed, reproducible=True)
 
 
+def _lm_texts(path: str, docs: str, unk: str):
+    """MLM texts: the documents of a .txt/.txt.gz corpus (WikiText's `<unk>` written as the tokenizer's
+    unknown token `unk`), else a table or IMDb-style folder (its text column)."""
+    from .io import read_data
+    from .pretrain import mark_unknown, read_corpus
+    if str(path).lower().endswith((".txt", ".txt.gz")): return mark_unknown(read_corpus(path, docs), unk)
+    return read_data(path)
+
+
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
-    from .io import check_out_dir, read_data
+    from .io import check_out_dir
     from .learner import mlm_learner
     from .mlm import mlm_dataloaders
     from .models import load_config
     from .plots import LossHistory
+    from .tokenize import load_tokenizer
     check_out_dir(a.out, a.force)
     _seed(a.seed)
-    df = read_data(a.data)
-    if a.max_rows: df = df.iloc[: a.max_rows]
-    config = load_config(a.model)
+    config, tok = load_config(a.model), load_tokenizer(a.model)
+    texts = _lm_texts(a.data, a.docs, tok.unk_token)[: a.max_rows]
+    valid = _lm_texts(a.valid, a.docs, tok.unk_token) if a.valid else None
     memory = config.model_type in MEMORY_MODEL_TYPES
     mode = a.mode or ("segments" if memory else "blocks")
     max_len = a.max_len or (2 * config.segment_len if memory else 128)
-    dls = mlm_dataloaders(df, a.model, a.text_col, max_len, mode, a.valid_pct, bs=a.bs, seed=a.seed,
+    dls = mlm_dataloaders(texts, tok, a.text_col, max_len, mode, a.valid_pct, valid, bs=a.bs, seed=a.seed,
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=hist)

@@ -19,7 +19,7 @@ from .mlm import mlm_dataloaders
 from .models import MaskedLM, MemoryMaskedLM
 from .train_tokenizer import train_tokenizer, unk_token
 
-__all__ = ["PRETRAIN_ARCHS", "read_corpus", "new_config", "pretrain_learner"]
+__all__ = ["PRETRAIN_ARCHS", "read_corpus", "mark_unknown", "new_config", "pretrain_learner"]
 
 # arch: (tokenizer kind, config class)
 PRETRAIN_ARCHS = {"bert": ("wordpiece", BertConfig), "roberta": ("bpe", RobertaConfig), "albert": ("unigram", AlbertConfig),
@@ -70,6 +70,11 @@ def read_corpus(
     return out
 
 
+def mark_unknown(docs: list[str] | None, unk: str) -> list[str] | None:
+    "WikiText writes unknown words as `<unk>`: write them as the tokenizer's own unknown token `unk`."
+    return docs if docs is None or unk == "<unk>" else [d.replace("<unk>", unk) for d in docs]
+
+
 def new_config(
     arch: str,                     # One of PRETRAIN_ARCHS
     tok: PreTrainedTokenizerFast,  # The tokenizer trained for it
@@ -115,8 +120,7 @@ def pretrain_learner(
     gives the fine-tuning stages."""
     kind, _ = PRETRAIN_ARCHS.get(arch, (None, None))
     if kind is None: raise UlmfitError(f"arch must be one of {', '.join(PRETRAIN_ARCHS)}, not {arch!r}")
-    unk = lambda docs: None if docs is None else [d.replace("<unk>", unk_token(kind)) for d in docs]  # WikiText's unknowns
-    texts, valid_texts = unk(texts), unk(valid_texts)
+    texts, valid_texts = mark_unknown(texts, unk_token(kind)), mark_unknown(valid_texts, unk_token(kind))
     tok = train_tokenizer(texts, kind, vocab_size)
     config = new_config(arch, tok, max_len, layers, hidden, heads, **(config_kwargs or {}))
     memory = config.model_type in MEMORY_MODEL_TYPES
