@@ -94,13 +94,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", default="100,1000", help="comma-separated numbers of labelled reviews (0: all 25k)")
     ap.add_argument("--n-test", type=int, default=2000, help="stratified test reviews (0: the full 25k)")
-    ap.add_argument("--lm-texts", type=int, default=4000, help="unlabelled + training reviews for MLM fine-tuning")
+    ap.add_argument("--lm-texts", type=int, default=16000, help="unlabelled + training reviews for MLM fine-tuning")
     ap.add_argument("--lm-epochs", type=int, default=1)
     ap.add_argument("--lm-lr", type=float, default=2e-4)
     ap.add_argument("--lm-max-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--truncate", default="head+tail", choices=["head", "head+tail"])
-    ap.add_argument("--clf-epochs", default="10,1",
+    ap.add_argument("--clf-epochs", default="10,4",
                     help="epochs of the last (all layers) stage, one per --labels entry (or one for all): few labels need more")
     ap.add_argument("--clf-lr", type=float, default=2e-3)
     ap.add_argument("--bs", type=int, default=16)
