@@ -134,9 +134,9 @@ def _seed(seed: int):
 def _lm_texts(path: str, docs: str, unk: str):
     """MLM texts: the documents of a .txt/.txt.gz corpus (WikiText's `<unk>` written as the tokenizer's
     unknown token `unk`), else a table or IMDb-style folder (its text column)."""
-    from .io import read_data
+    from .io import TEXT_SUFFIXES, read_data
     from .pretrain import mark_unknown, read_corpus
-    if str(path).lower().endswith((".txt", ".txt.gz")): return mark_unknown(read_corpus(path, docs), unk)
+    if str(path).lower().endswith(TEXT_SUFFIXES): return mark_unknown(read_corpus(path, docs), unk)
     return read_data(path)
 
 

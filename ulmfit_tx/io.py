@@ -14,6 +14,7 @@ from .errors import UlmfitError
 __all__ = ["read_table", "read_folder", "read_data", "atomic_dir", "check_out_dir"]
 
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".tsv", ".tsv.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text corpora
 
 
 def read_table(path) -> pd.DataFrame:

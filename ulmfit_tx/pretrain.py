@@ -13,7 +13,7 @@ from transformers import (AlbertConfig, AutoModelForMaskedLM, BertConfig, PreTra
 from .archs import max_positions
 from .encoders import MEMORY_MODEL_TYPES, CompressiveConfig, MemXLConfig, ScratchConfig
 from .errors import UlmfitError
-from .io import TABLE_SUFFIXES, read_table
+from .io import TABLE_SUFFIXES, TEXT_SUFFIXES, read_table
 from .learner import MLMLearner, mlm_learner
 from .mlm import mlm_dataloaders
 from .models import MaskedLM, MemoryMaskedLM
@@ -63,7 +63,7 @@ def read_corpus(
         if text_col not in df: raise UlmfitError(f"{path}: no column {text_col!r} (columns: {', '.join(map(str, df.columns))})")
         out = [t for t in df[text_col].astype(str) if t.strip()]
     else:
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".txt", ".txt.gz")))
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
         if not files: raise UlmfitError(f"{path}: no .txt or .txt.gz files in the folder")
         out = [d for f in files for d in _split_docs(_read_text(f), docs)]
     if not out: raise UlmfitError(f"{path}: the corpus has no text")
