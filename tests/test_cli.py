@@ -32,7 +32,7 @@ def lm_dir(tmp_path_factory, tiny_models, csv):
 def clf_dir(lm_dir, csv):
     out = lm_dir.parent / "clf"
     assert main(["train-clf", "--model", str(lm_dir), "--data", str(csv), "--out", str(out), "--max-len", "32",
-                 "--bs", "8", "--epochs", "1"]) == 0
+                 "--bs", "8", "--epochs", "1", "--div", "1.5"]) == 0
     return out
 
 
@@ -64,7 +64,7 @@ def test_train_clf_ulmfit_writes_export_metrics_and_plots(clf_dir):
     for f in ["export.pkl", "metrics.json", "loss.png", "confusion_matrix.png"]:
         assert (clf_dir / f).exists(), f
     m = json.loads((clf_dir / "metrics.json").read_text())
-    assert m["schedule"] == "ulmfit" and m["passes"] == 4 and m["epochs_per_stage"] == [1, 1, 1, 1]
+    assert m["schedule"] == "ulmfit" and m["passes"] == 4 and m["epochs_per_stage"] == [1, 1, 1, 1] and m["div"] == 1.5
     assert 0 <= m["accuracy"] <= 1 and m["n_valid"] == 10 and m["train_time_s"] > 0 and m["valid_time_s"] > 0
     assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name]
 

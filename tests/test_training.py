@@ -5,8 +5,8 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 
-from ulmfit_tx import (UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders, mlm_learner,
-                       set_precision, ulmfit_lrs)
+from ulmfit_tx import (LAYER_DIV, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders,
+                       mlm_learner, set_precision, ulmfit_lrs)
 from ulmfit_tx.learner import default_precision
 
 
@@ -65,18 +65,20 @@ def test_fit_ulmfit_unfreezes_gradually_with_discriminative_rates(bert_dir, smal
     learn = classifier_learner(dls, bert_dir, cbs=track)
     n_groups = len(learn.opt.param_lists)
     sizes = [sum(1 for _ in g) for g in learn.opt.param_lists]
-    fit_ulmfit(learn, lr=1e-3, epochs=1, div=2.6, stage_div=2.0)
+    fit_ulmfit(learn, lr=1e-3, epochs=1, stage_div=2.0)
     assert track.trainable == [sum(sizes[-1:]), sum(sizes[-2:]), sum(sizes[-3:]), sum(sizes)]
     for stage, lrs in enumerate(track.lrs):
-        want = 1e-3 / 2 ** stage / 2.6 ** np.arange(n_groups - 1, -1, -1)
+        want = 1e-3 / 2 ** stage / LAYER_DIV ** np.arange(n_groups - 1, -1, -1)
         np.testing.assert_allclose(np.array(lrs) * 25, want, rtol=1e-6)  # one-cycle starts at lr_max/25
 
 
 def test_ulmfit_lrs_and_stage_errors(bert_dir, small_df):
     learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32), bert_dir)
     lrs = ulmfit_lrs(learn, 1e-2)
-    assert len(lrs) == len(learn.opt.param_lists) and lrs[-1] == 1e-2 and np.allclose(lrs[1:] / lrs[:-1], 2.6)
+    assert len(lrs) == len(learn.opt.param_lists) and lrs[-1] == 1e-2 and np.allclose(lrs[1:] / lrs[:-1], LAYER_DIV)
+    assert np.allclose(ulmfit_lrs(learn, 1e-2, div=2.6), 1e-2 / 2.6 ** np.arange(len(lrs) - 1, -1, -1))
     with pytest.raises(UlmfitError, match="3 epoch counts for 4 stages"): fit_ulmfit(learn, epochs=(1, 1, 1))
+    with pytest.raises(UlmfitError, match="div must be positive"): fit_ulmfit(learn, div=0)
 
 
 @pytest.mark.parametrize("task", ["clf", "mlm"])

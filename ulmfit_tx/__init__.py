@@ -7,8 +7,8 @@ from .errors import UlmfitError
 from . import encoders  # noqa: F401 (registers scratch, memxl and compressive with the Auto classes)
 from .encoders import CompressiveConfig, MemXLConfig, ScratchConfig
 from .io import read_data, read_folder, read_table
-from .learner import (ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner, set_precision,
-                      ulmfit_lrs)
+from .learner import (LAYER_DIV, ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner,
+                      set_precision, ulmfit_lrs)
 from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, lm_blocks, mask_tokens, mlm_dataloaders, mlm_loss
 from .models import MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model

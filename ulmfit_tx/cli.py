@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-cycle: epochs of the single fit; ulmfit: epochs of the last (all layers) stage")
     p.add_argument("--lr", type=float, help="ulmfit: head learning rate of stage 1 (default 2e-3); one-cycle: 1e-4")
     p.add_argument("--schedule", default="ulmfit", choices=["ulmfit", "one-cycle"])
+    p.add_argument("--div", type=float, help="ulmfit: factor between the learning rates of consecutive layer groups "
+                   "(default 1.2, the library's LAYER_DIV; ULMFiT's AWD-LSTM used 2.6)")
     p.add_argument("--head", default="pooling", choices=["pooling", "native"],
                    help="ULMFiT concat-pooling head, or the architecture's own (also saved as a HF folder)")
 
@@ -212,7 +214,7 @@ def pretrain(a):
 def train_clf(a):
     from .data import clas_dataloaders
     from .io import atomic_dir, check_out_dir, read_data
-    from .learner import classifier_learner, fit_ulmfit
+    from .learner import LAYER_DIV, classifier_learner, fit_ulmfit
     from .plots import LossHistory, plot_confusion, plot_losses
     check_out_dir(a.out, a.force)
     _seed(a.seed)
@@ -223,10 +225,11 @@ def train_clf(a):
     hist = LossHistory()
     learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
     lr = a.lr or _DEFAULT_LR[a.schedule]
+    div = (a.div or LAYER_DIV) if a.schedule == "ulmfit" else None
     t0 = time.time()
     if a.schedule == "ulmfit":
         epochs = (1, 1, 1, a.epochs)
-        fit_ulmfit(learn, lr, epochs)
+        fit_ulmfit(learn, lr, epochs, div=div)
     else:
         epochs = (a.epochs,)
         learn.unfreeze()
@@ -236,8 +239,8 @@ def train_clf(a):
     valid_loss, acc = learn.validate()
     valid_time = time.time() - t0
     metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
-                   passes=sum(epochs), lr=lr, head=a.head, max_len=a.max_len, bs=a.bs, n_train=len(dls.train_ds),
-                   n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab], train_time_s=train_time,
+                   passes=sum(epochs), lr=lr, div=div, head=a.head, max_len=a.max_len, bs=a.bs,
+                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab], train_time_s=train_time,
                    valid_time_s=valid_time, train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
     with atomic_dir(a.out, a.force) as tmp:
         learn.path = tmp
