@@ -62,7 +62,7 @@ def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: i
     from fastai.torch_core import set_seed
 
     from ulmfit_tx import clas_dataloaders, classifier_learner, fit_ulmfit
-    set_seed(a.seed, reproducible=True)
+    set_seed(a.seed if a.clf_seed is None else a.clf_seed, reproducible=True)
     df = pd.concat([train.assign(is_valid=False), train.iloc[:32].assign(is_valid=True)], ignore_index=True)
     dls = clas_dataloaders(df, model, max_len=a.max_len, bs=a.bs, truncate=a.truncate)
     learn = classifier_learner(dls, model)
@@ -106,7 +106,8 @@ def main():
     ap.add_argument("--clf-div", type=float, help="factor between the learning rates of consecutive layer groups "
                     "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)")
     ap.add_argument("--bs", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage")
+    ap.add_argument("--clf-seed", type=int, help="seed of the classifier's training (default: --seed)")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="cpu")
