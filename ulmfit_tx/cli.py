@@ -225,7 +225,7 @@ def train_clf(a):
     hist = LossHistory()
     learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
     lr = a.lr or _DEFAULT_LR[a.schedule]
-    div = (a.div or LAYER_DIV) if a.schedule == "ulmfit" else None
+    div = (LAYER_DIV if a.div is None else a.div) if a.schedule == "ulmfit" else None  # ulmfit_lrs checks it
     t0 = time.time()
     if a.schedule == "ulmfit":
         epochs = (1, 1, 1, a.epochs)
@@ -240,8 +240,9 @@ def train_clf(a):
     valid_time = time.time() - t0
     metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
                    passes=sum(epochs), lr=lr, div=div, head=a.head, max_len=a.max_len, bs=a.bs,
-                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab], train_time_s=train_time,
-                   valid_time_s=valid_time, train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
+                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab],
+                   train_time_s=train_time, valid_time_s=valid_time,
+                   train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
     with atomic_dir(a.out, a.force) as tmp:
         learn.path = tmp
         learn.export("export.pkl")
