@@ -5,7 +5,9 @@
    `compressive-transformer-pytorch` 0.4.0 at the same configuration (width, depth, heads, segment,
    memory sizes, vocabulary, batch; no dropout, plain residuals, logits at every position on both
    sides). The reference packages are installed only for this script, with --no-deps, into
-   bench/.refs (its own folder on sys.path), and each case runs in its own process.
+   bench/.refs (its own folder on sys.path). Timing is paired (one process runs a step of each model in
+   turn, so a slow spell of the machine slows both), repeated --rounds times in fresh processes; peak
+   memory comes from each model alone in its own process.
 2. IMDb: a memory classifier reading whole reviews (up to --max-len tokens, segment by segment)
    against the same-size plain encoder (`scratch`) truncated to one segment. Same tokenizer (trained
    on the training reviews), same width and depth, same epochs and learning rate, trained from
@@ -47,21 +49,44 @@ def _size(a) -> dict:
                 segment_len=a.seg, mem_len=a.seg)
 
 
-def _timed_steps(a, step) -> tuple[int, float]:
-    "Run `step(x, y)` on random segments: warm-up steps, then the timed ones."
+def _batches(a) -> list:
+    "Random segments (bs, seg): `warmup` then `steps` of them, the same for every case."
     import torch
     g = torch.Generator().manual_seed(0)
-    dev = device()
-    batches = [torch.randint(5, a.vocab, (a.bs, a.seg), generator=g).to(dev) for _ in range(a.warmup + a.steps)]
+    return [torch.randint(5, a.vocab, (a.bs, a.seg), generator=g).to(device()) for _ in range(a.warmup + a.steps)]
+
+
+def _clock() -> float:
+    import torch
+    if device() == "cuda": torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _timed_steps(a, step) -> tuple[int, float]:
+    "Run `step(x)` on the segments: warm-up steps, then the timed ones."
+    batches = _batches(a)
     for x in batches[:a.warmup]: step(x)
-    if dev == "cuda": torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = _clock()
     for x in batches[a.warmup:]: step(x)
-    if dev == "cuda": torch.cuda.synchronize()
-    return a.steps * a.bs, time.perf_counter() - t0
+    return a.steps * a.bs, _clock() - t0
+
+
+def _paired_steps(a, ours, ref) -> tuple[int, float, dict]:
+    """Ours and the reference in one process, one step each in turn (who goes first alternates), so that a
+    slow spell of the machine hits both alike: ours' samples and seconds, and the reference's seconds."""
+    batches = _batches(a)
+    for x in batches[:a.warmup]: ours(x), ref(x)
+    spent = {ours: 0.0, ref: 0.0}
+    for i, x in enumerate(batches[a.warmup:]):
+        for step in (ours, ref) if i % 2 == 0 else (ref, ours):
+            t0 = _clock()
+            step(x)
+            spent[step] += _clock() - t0
+    return a.steps * a.bs, spent[ours], {"ref_seconds": spent[ref]}
 
 
 def _ours(a, config):
+    "A training step of our MLM model: logits and loss at every position, as the references."
     import torch
     from transformers import AutoModelForMaskedLM
 
@@ -71,25 +96,24 @@ def _ours(a, config):
     state = {"mems": None}
 
     def step(x):
-        out = m(x, memories=state["mems"], labels=x)  # logits and loss at every position, as the references
+        out = m(x, memories=state["mems"], labels=x)
         m.zero_grad(set_to_none=True)
         out.loss.backward()
         state["mems"] = out.memories
-    return _timed_steps(a, step)
+    return step
 
 
-def memxl_ours(a):
+def _memxl_ours(a):
     from ulmfit_tx.encoders import MemXLConfig
     return _ours(a, MemXLConfig(**_size(a), lmem_len=a.lmem, num_mem_kv=a.mem_kv, mem_write_iters=2))
 
 
-def compressive_ours(a):
+def _compressive_ours(a):
     from ulmfit_tx.encoders import CompressiveConfig
     return _ours(a, CompressiveConfig(**_size(a), cmem_len=a.cmem, cmem_ratio=a.ratio))
 
 
 def _ref_step(m, a, with_aux: bool):
-    import torch
     import torch.nn.functional as F
     state = {"mems": None}
 
@@ -105,24 +129,33 @@ def _ref_step(m, a, with_aux: bool):
     return step
 
 
-def memxl_ref(a):
+def _memxl_ref(a):
     import torch
     sys.path.insert(0, str(REFS))
     from memory_transformer_xl import MemoryTransformerXL
     torch.manual_seed(0)
     m = MemoryTransformerXL(num_tokens=a.vocab, dim=a.dim, seq_len=a.seg, depth=a.depth, heads=a.heads, mem_len=a.seg,
                             lmem_len=a.lmem, num_mem_kv=a.mem_kv, mem_write_iters=2, gru_gated_residual=False)
-    return _timed_steps(a, _ref_step(m.to(device()).train(), a, with_aux=False))
+    return _ref_step(m.to(device()).train(), a, with_aux=False)
 
 
-def compressive_ref(a):
+def _compressive_ref(a):
     import torch
     sys.path.insert(0, str(REFS))
     from compressive_transformer_pytorch import CompressiveTransformer
     torch.manual_seed(0)
     m = CompressiveTransformer(num_tokens=a.vocab, dim=a.dim, seq_len=a.seg, depth=a.depth, heads=a.heads, mem_len=a.seg,
                                cmem_len=a.cmem, cmem_ratio=a.ratio, gru_gated_residual=False)
-    return _timed_steps(a, _ref_step(m.to(device()).train(), a, with_aux=True))
+    return _ref_step(m.to(device()).train(), a, with_aux=True)
+
+
+# each model alone in its process (its peak memory), and both in turn in one process (the timing)
+def memxl_ours(a): return _timed_steps(a, _memxl_ours(a))
+def memxl_ref(a): return _timed_steps(a, _memxl_ref(a))
+def memxl_paired(a): return _paired_steps(a, _memxl_ours(a), _memxl_ref(a))
+def compressive_ours(a): return _timed_steps(a, _compressive_ours(a))
+def compressive_ref(a): return _timed_steps(a, _compressive_ref(a))
+def compressive_paired(a): return _paired_steps(a, _compressive_ours(a), _compressive_ref(a))
 
 
 def memxl_ref_bug(a):
@@ -142,19 +175,27 @@ def memxl_ref_bug(a):
     except RuntimeError: return 0, 1.0
 
 
-SPEED = [("Memory Transformer-XL", "memxl_ours", "memxl_ref"),
-         ("Compressive Transformer", "compressive_ours", "compressive_ref")]
-SPEED_CASES = [c for _, ours, ref in SPEED for c in (ours, ref)]
+SPEED = [("Memory Transformer-XL", "memxl"), ("Compressive Transformer", "compressive")]
+
+
+def _median(xs: list) -> float: return sorted(xs)[len(xs) // 2]
 
 
 def speed_rounds(a) -> dict:
-    """The speed cases in alternating rounds (`run_rounds`), ours and the reference in turn: the median
-    step time of each case, and every round's."""
-    runs = run_rounds(a, SPEED_CASES, lambda run: f"{1000 * run['seconds'] / a.steps:.1f} ms/step", __file__)
+    """The paired cases `a.rounds` times each (`run_rounds`, a fresh process each time): the median step
+    time of each side and the median of the rounds' speed-ups; then each model once alone, for its peak memory."""
+    runs = run_rounds(a, [f"{m}_paired" for _, m in SPEED],
+                      lambda run: f"ours {1000 * run['seconds'] / a.steps:.1f}, reference "
+                                  f"{1000 * run['ref_seconds'] / a.steps:.1f} ms/step", __file__)
     results = {}
     for name, rs in runs.items():
-        steps = [x["seconds"] / a.steps for x in rs]
-        results[name] = {"step_s": sorted(steps)[len(steps) // 2], "rounds_step_s": steps, "peak_mb": max(x["peak_mb"] for x in rs)}
+        ours, ref = [x["seconds"] / a.steps for x in rs], [x["ref_seconds"] / a.steps for x in rs]
+        speedups = [r / o for o, r in zip(ours, ref)]
+        results[name] = {"ours_step_s": _median(ours), "ref_step_s": _median(ref), "speedup": _median(speedups),
+                         "rounds_ours_step_s": ours, "rounds_ref_step_s": ref, "rounds_speedup": speedups}
+    for name in [f"{m}_{side}" for _, m in SPEED for side in ("ours", "ref")]:
+        results[name] = run_case(a, name, __file__)
+        print(f"alone   {name:18s} peak {results[name]['peak_mb']:.0f} MB", flush=True)
     return results
 
 
@@ -196,18 +237,19 @@ def imdb_compressive(a): return _imdb_case(a, "compressive")
 def imdb_scratch(a): return _imdb_case(a, "scratch")
 
 
-CASES = {f.__name__: f for f in (memxl_ours, memxl_ref, compressive_ours, compressive_ref, memxl_ref_bug,
-                                 imdb_memxl, imdb_compressive, imdb_scratch)}
+CASES = {f.__name__: f for f in (memxl_ours, memxl_ref, memxl_paired, compressive_ours, compressive_ref, compressive_paired,
+                                 memxl_ref_bug, imdb_memxl, imdb_compressive, imdb_scratch)}
 
 
 def speed_table(r: dict) -> str:
-    lines = ["| model | ours ms/step (median) | reference ms/step (median) | speed-up (ref time / ours) | peak MB ours / reference |",
-             "|---|---|---|---|---|"]
-    for label, ours, ref in SPEED:
-        if ours in r and ref in r:
-            o, t = r[ours], r[ref]
-            lines.append(f"| {label} | {1000 * o['step_s']:.1f} | {1000 * t['step_s']:.1f} | "
-                         f"**{t['step_s'] / o['step_s']:.2f}×** | {o['peak_mb']:.0f} / {t['peak_mb']:.0f} |")
+    lines = ["| model | ours ms/step | reference ms/step | speed-up (ref time / ours) | rounds ours faster | "
+             "peak MB ours / reference |", "|---|---|---|---|---|---|"]
+    for label, m in SPEED:
+        if f"{m}_paired" not in r: continue
+        p, o, t = r[f"{m}_paired"], r[f"{m}_ours"], r[f"{m}_ref"]
+        won = sum(x > 1 for x in p["rounds_speedup"])
+        lines.append(f"| {label} | {1000 * p['ours_step_s']:.1f} | {1000 * p['ref_step_s']:.1f} | **{p['speedup']:.2f}×** | "
+                     f"{won} of {len(p['rounds_speedup'])} | {o['peak_mb']:.0f} / {t['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -240,7 +282,8 @@ def main():
     ap.add_argument("--bs", type=int, default=8, help="batch size of the speed cases")
     ap.add_argument("--steps", type=int, default=20, help="timed segments per speed case")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5, help="runs of each speed case, alternating (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="paired timing runs of each model pair, each in a fresh process (medians are reported)")
     ap.add_argument("--n-train", type=int, default=1000, help="IMDb training reviews")
     ap.add_argument("--n-test", type=int, default=500, help="IMDb test reviews")
     ap.add_argument("--max-len", type=int, default=512, help="longest review a memory classifier reads")

@@ -268,11 +268,12 @@ def run_rounds(a, names: list[str], report, script: str = __file__) -> dict[str,
 
 
 def run_one(a, cases: dict):
-    "The child side of `run_case`: run case `a.case` and print its numbers as one JSON line."
+    """The child side of `run_case`: run case `a.case` and print its numbers as one JSON line. A case
+    returns (samples, seconds) and may add a dict of further numbers."""
     import transformers
     transformers.logging.set_verbosity_error()
-    n, s = cases[a.case](a)
-    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb()}))
+    n, s, *extra = cases[a.case](a)
+    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb(), **(extra[0] if extra else {})}))
 
 
 def table(results: dict, a) -> str:

@@ -45,7 +45,10 @@ def test_memory_models_benchmark_smoke(tmp_path):
                 "--lmem", 4, "--cmem", 8, "--ratio", 2, "--bs", 2, "--steps", 2, "--warmup", 1, "--rounds", 1, "--n-train", 24,
                 "--n-test", 16, "--max-len", 64, "--epochs", 1, "--clf-bs", 8, "--work", tmp_path / "work"], tmp_path)
     res = json.loads((tmp_path / "memory_models_cpu.json").read_text())["results"]
-    assert {"memxl_ours", "memxl_ref", "compressive_ours", "compressive_ref", "imdb_scratch", "imdb_memxl"} <= set(res)
+    assert {"memxl_ours", "memxl_ref", "memxl_paired", "compressive_ours", "compressive_ref", "compressive_paired",
+            "imdb_scratch", "imdb_memxl"} <= set(res)
+    assert all(res[f"{m}_paired"]["speedup"] > 0 and len(res[f"{m}_paired"]["rounds_speedup"]) == 1
+               for m in ("memxl", "compressive"))
     assert res["memxl_ref_bug"]["samples"] == 0, "the reference fails three backward() calls in a row"
     assert res["imdb_memxl"]["mean_tokens_read"] > res["imdb_scratch"]["mean_tokens_read"]
     assert "| Memory Transformer-XL |" in out and "| memxl |" in out

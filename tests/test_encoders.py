@@ -135,6 +135,26 @@ def test_memxl_long_memory_write_gets_gradient_through_detach_every():
     assert g2 is not None and g2.abs().sum() > 0, "detach_every=2: the gradient flows back through two writes"
 
 
+def test_memory_keys_values_fold_the_norm_weight_exactly():
+    "Detached memories skip their input gradient, but keys, values and weight gradients are those of norm-then-project."
+    block = model(memxl()).layers[0]
+    with torch.no_grad(): block.norm1.weight.uniform_(0.5, 1.5)         # a norm weight that is not all ones
+    g = torch.Generator().manual_seed(0)
+    old, graph, newer = (torch.randn(2, n, 32, generator=g) for n in (3, 4, 5))
+    graph.requires_grad_()                                               # a memory that carries a graph (memxl's lmem)
+
+    def grads(kvs):
+        block.zero_grad()
+        torch.cat(kvs, 1).pow(2).sum().backward()
+        return block.attn.kv.weight.grad.clone(), block.norm1.weight.grad.clone()
+
+    fast = block.memory_keys_values((old, newer, graph))
+    assert [t.shape[1] for t in fast] == [8, 4], "neighbouring detached memories are projected together"
+    slow = [block.attn.kv(block.norm1(m)) for m in (old, newer, graph)]
+    assert torch.allclose(torch.cat(fast, 1), torch.cat(slow, 1), atol=1e-5)
+    for a, b in zip(grads(fast), grads(slow)): assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_memxl_rejects_unknown_memory_layers():
     with pytest.raises(ValueError, match="memory_layers"): model(memxl(memory_layers=[5]))
 

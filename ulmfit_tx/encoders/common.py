@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -89,13 +90,19 @@ class Attention(nn.Module):
     def keys_values(self, kv: torch.Tensor, detach_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         "(B, K, D) -> keys and values (B, H, K, Dh); with `detach_weights` no gradient reaches the projection."
         w = self.kv.weight.detach() if detach_weights else self.kv.weight
-        return tuple(self.split(t) for t in F.linear(kv, w).chunk(2, dim=-1))
+        return self.split_kv(F.linear(kv, w))
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None, return_qkv: bool = False):
-        """x (B, Q, D), kv (B, K, D), mask: bool (True = attend) or additive float, broadcastable to (B, H, Q, K).
-        Returns (B, Q, D), and with `return_qkv` also the queries, keys and values (B, H, Q|K, Dh)."""
+    def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Projected (B, K, 2D) -> keys and values (B, H, K, Dh)."
+        return tuple(self.split(t) for t in kv.chunk(2, dim=-1))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None, return_qkv: bool = False,
+                projected: bool = False):
+        """x (B, Q, D), kv (B, K, D) (or (B, K, 2D) already through `self.kv` when `projected`), mask: bool
+        (True = attend) or additive float, broadcastable to (B, H, Q, K). Returns (B, Q, D), and with
+        `return_qkv` also the queries, keys and values (B, H, Q|K, Dh)."""
         q = self.split(self.q(x))                                         # (B, H, Q, Dh)
-        k, v = self.keys_values(kv)                                       # (B, H, K, Dh) each
+        k, v = self.split_kv(kv) if projected else self.keys_values(kv)   # (B, H, K, Dh) each
         if mask is not None and mask.is_floating_point(): mask = mask.to(q.dtype)
         y = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)  # (B, H, Q, Dh)
         out = self.drop(self.out(y.transpose(1, 2).flatten(2)))          # (B, Q, D)
@@ -122,13 +129,26 @@ class Block(nn.Module):
         if self.gates is None: return x + y
         return self.gates[i](y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])).view_as(x)
 
+    def memory_keys_values(self, memories: tuple) -> list[torch.Tensor]:
+        """Projected keys and values (B, M, 2D) of the memories, in order, through the same norm as the
+        current states. Detached memories need no input gradient, so neighbouring ones are projected
+        together with the norm weight folded into the projection (kv(m_hat * w) = m_hat @ (W * w)^T):
+        backward then skips their rows' input gradient, over half of the rows a memory layer projects."""
+        out = []
+        for detached, group in groupby(memories, key=lambda m: not m.requires_grad):
+            if not detached: out.extend(self.attn.kv(self.norm1(m)) for m in group); continue
+            flat = torch.cat(list(group), 1)                              # (B, M, D)
+            folded = self.attn.kv.weight * self.norm1.weight              # (2D, D)
+            out.append(F.linear(F.rms_norm(flat, flat.shape[-1:], eps=self.norm1.eps), folded))
+        return out
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memories: tuple = (), return_qkv: bool = False):
         """x (B, S, D); memories: tensors (B, M_i, D); mask over the keys [mem_kv, *memories, x].
         With `return_qkv` also returns the attention's queries, keys and values."""
         h = self.norm1(x)                                                 # (B, S, D)
-        kv = [self.mem_kv.expand(len(x), -1, -1)] if self.mem_kv is not None else []
-        kv = torch.cat(kv + [self.norm1(m) for m in memories] + [h], dim=1)  # (B, K, D)
-        a, qkv = self.attn(h, kv, mask, return_qkv=True)
+        kv = [self.attn.kv(self.mem_kv).expand(len(x), -1, -1)] if self.mem_kv is not None else []  # (B, P, 2D)
+        kv = torch.cat(kv + self.memory_keys_values(memories) + [self.attn.kv(h)], dim=1)  # (B, K, 2D)
+        a, qkv = self.attn(h, kv, mask, return_qkv=True, projected=True)
         x = self.residual(x, a, 0)
         x = self.residual(x, self.ff(self.norm2(x)), 1)                  # (B, S, D)
         return (x, qkv) if return_qkv else x
