@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median_high
 
 from speed import DATA, HERE, device, reviews, run_case, run_one, run_rounds
 
@@ -178,9 +179,6 @@ def memxl_ref_bug(a):
 SPEED = [("Memory Transformer-XL", "memxl"), ("Compressive Transformer", "compressive")]
 
 
-def _median(xs: list) -> float: return sorted(xs)[len(xs) // 2]
-
-
 def speed_rounds(a) -> dict:
     """The paired cases `a.rounds` times each (`run_rounds`, a fresh process each time): the median step
     time of each side and the median of the rounds' speed-ups; then each model once alone, for its peak memory."""
@@ -191,7 +189,7 @@ def speed_rounds(a) -> dict:
     for name, rs in runs.items():
         ours, ref = [x["seconds"] / a.steps for x in rs], [x["ref_seconds"] / a.steps for x in rs]
         speedups = [r / o for o, r in zip(ours, ref)]
-        results[name] = {"ours_step_s": _median(ours), "ref_step_s": _median(ref), "speedup": _median(speedups),
+        results[name] = {"ours_step_s": median_high(ours), "ref_step_s": median_high(ref), "speedup": median_high(speedups),
                          "rounds_ours_step_s": ours, "rounds_ref_step_s": ref, "rounds_speedup": speedups}
     for name in [f"{m}_{side}" for _, m in SPEED for side in ("ours", "ref")]:
         results[name] = run_case(a, name, __file__)

@@ -273,7 +273,8 @@ def run_one(a, cases: dict):
     import transformers
     transformers.logging.set_verbosity_error()
     n, s, *extra = cases[a.case](a)
-    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb(), **(extra[0] if extra else {})}))
+    extra = extra[0] if extra else {}
+    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb(), **extra}))
 
 
 def table(results: dict, a) -> str:
