@@ -224,7 +224,7 @@ def _imdb_case(a, arch: str):
     learn.fit_one_cycle(a.epochs, a.lr)
     seconds = time.perf_counter() - t0
     acc = float(learn.validate()[1])
-    n_tokens = sum(min(len(i), max_len) for i in dls.train_ds.items[ulmfit_tx.tokenize.IDS_COL])
+    n_tokens = int(sum(ulmfit_tx.data.cached_lengths(dls.train_ds)))  # tokens of each review read, at most max_len
     (Path(a.work) / f"imdb_{arch}.json").write_text(json.dumps({"accuracy": acc, "train_s": seconds, "max_len": max_len,
                                                                  "mean_tokens_read": n_tokens / len(train)}))
     return a.epochs * len(train), seconds

@@ -119,14 +119,14 @@ def clf_trainer_fixed(a): return _clf_trainer(a, fixed=True)
 
 def _mlm_blocks(a):
     "The same MLM blocks for both sides: `n_mlm` blocks of `max_len` tokens from training reviews."
-    from ulmfit_tx import HFTokenizer, lm_blocks
+    from ulmfit_tx import BlockView, HFTokenizer, as_store
     tfm = HFTokenizer(minilm(), a.max_len)
-    blocks, n = [], 0
-    df = reviews(a, 25000)
-    while len(blocks) < a.n_mlm + a.bs:
-        blocks += lm_blocks(tfm, df.text[n:n + 500])
+    df, n, need = reviews(a, 25000), 0, a.n_mlm + a.bs
+    while True:
         n += 500
-    return blocks[: a.n_mlm + a.bs]
+        store = as_store(df.text[:n].tolist(), tfm)
+        view = BlockView(store, range(len(store)), tfm)
+        if len(view) >= need or n >= len(df): return [view[i][0].numpy() for i in range(min(need, len(view)))]
 
 
 def mlm_ours(a):

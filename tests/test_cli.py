@@ -5,7 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
-from ulmfit_tx import cli
+from ulmfit_tx.io import iter_chunks
 from ulmfit_tx.cli import main
 
 
@@ -50,7 +50,7 @@ def test_finetune_lm_reads_a_text_corpus_by_article_with_its_own_held_out_file(t
     article = lambda i: f" = Title {i} = \n\n {texts[i]} an <unk> word \n {texts[i + 20]} \n"
     with gzip.open(tmp_path / "train.txt.gz", "wt") as f: f.write("".join(article(i) for i in range(12)))
     (tmp_path / "valid.txt").write_text("".join(article(i) for i in range(12, 15)))
-    assert cli._lm_texts(tmp_path / "valid.txt", "articles", "[UNK]") == [
+    assert next(iter_chunks(tmp_path / "valid.txt", docs="articles", unk="[UNK]")).text.tolist() == [
         f"= Title {i} = {texts[i]} an [UNK] word {texts[i + 20]}" for i in range(12, 15)]
     out = tmp_path / "lm"
     assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--data", str(tmp_path / "train.txt.gz"),
@@ -113,6 +113,12 @@ def test_fill_mask_and_lr_find(lm_dir, csv, tmp_path, capsys):
         assert (out / "lr_find.png").exists() and set(sugg) == {"valley", "steep", "minimum"}
 
 
+def _parquet(tmp_path, name, columns):
+    "A typed parquet file (a CSV has no types: `1` in a CSV is the text '1')."
+    pd.DataFrame(columns).to_parquet(tmp_path / name)
+    return tmp_path / name
+
+
 def _bad(tmp_path, name, content):
     p = tmp_path / name
     p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
@@ -128,7 +134,7 @@ def _bad(tmp_path, name, content):
     (lambda t, c: _bad(t, "notext.csv", "review,label\nok,pos\nbad,neg\n"), "missing column 'text'"),
     (lambda t, c: _bad(t, "nolabel.csv", "text,y\nok,pos\nbad,neg\n"), "missing column 'label'"),
     (lambda t, c: _bad(t, "blank.csv", "text,label\nok,pos\n  ,neg\nfine,neg\n"), "1 row.*empty"),
-    (lambda t, c: _bad(t, "numbers.csv", "text,label\n1,pos\n2,neg\n"), "2 row.*not text"),
+        (lambda t, c: _parquet(t, "numbers.parquet", {"text": [1, 2], "label": ["pos", "neg"]}), "2 row.*not text"),
     (lambda t, c: _bad(t, "one.csv", "text,label\nok,pos\nfine,pos\n"), "single class"),
 ])
 def test_bad_data_gives_one_line_errors(tiny_models, tmp_path, capsys, make_data, message, csv):

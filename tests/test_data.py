@@ -5,13 +5,12 @@ from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import ColReader, ColSplitter
 
 from ulmfit_tx import HFTextBlock, PadTokens, UlmfitError, clas_dataloaders, find_tokenizer, read_folder
-from ulmfit_tx.tokenize import IDS_COL
 
 
 def test_batches_are_padded_to_their_longest_text_not_max_len(bert_dir, small_df):
     dls = clas_dataloaders(small_df, bert_dir, max_len=128, bs=4)
     pad = find_tokenizer(dls).pad_id
-    ids = dls.valid_ds.tls[0].items[IDS_COL]
+    ids = [dls.valid_ds[i][0] for i in range(len(dls.valid_ds))]
     batches = list(dls.valid)
     lengths = sorted(map(len, ids), reverse=True)
     for i, (x, y) in enumerate(batches):
@@ -86,8 +85,14 @@ def test_explicit_valid_column_must_exist(bert_dir, small_df):
 def test_texts_are_tokenized_once_when_dataloaders_are_built(bert_dir, small_df, monkeypatch):
     from ulmfit_tx import HFTokenizer
     calls = []
-    orig = HFTokenizer.token_ids
-    monkeypatch.setattr(HFTokenizer, "token_ids", lambda self, texts: calls.append(len(list(texts))) or orig(self, texts))
+
+    class Counting:  # the Rust tokenizer, counting the texts it encodes
+        def __init__(self, backend): self.backend = backend
+        def __getattr__(self, name): return getattr(self.backend, name)
+        def encode_batch_fast(self, texts, **kwargs): calls.append(len(texts)); return self.backend.encode_batch_fast(texts, **kwargs)
+
+    init = HFTokenizer._init_backend
+    monkeypatch.setattr(HFTokenizer, "_init_backend", lambda self: init(self) or setattr(self, "backend", Counting(self.backend)))
     dls = clas_dataloaders(small_df, bert_dir, max_len=32, bs=8)
     assert calls == [len(small_df)]                          # one batched call over every row
     for _ in range(2): list(dls.train), list(dls.valid)      # two epochs: no tokenization at all

@@ -18,7 +18,8 @@ from ulmfit_tx.archs import clas_splitter, lm_splitter
 from ulmfit_tx.cli import main
 from ulmfit_tx.encoders import CompressiveConfig, MemXLConfig
 from ulmfit_tx.memory import MemoryCallback, SegmentDL
-from ulmfit_tx.pretrain import pretrain_learner, read_corpus
+from ulmfit_tx.io import read_corpus
+from ulmfit_tx.pretrain import pretrain_learner
 
 from .conftest import N_LAYERS, OWN_ARCHS, ROOT, SEGMENT
 

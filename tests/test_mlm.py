@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from ulmfit_tx import HFTokenizer, MaskTokens, UlmfitError, lm_blocks, mask_tokens, mlm_dataloaders
+import numpy as np
+
+from ulmfit_tx import BlockView, HFTokenizer, MaskTokens, UlmfitError, as_store, mask_tokens, mlm_dataloaders
 from ulmfit_tx.tokenize import word_start_table
 
 
@@ -68,10 +70,14 @@ def test_whole_word_masking_chooses_all_pieces_of_a_word(tiny_models, sample_df,
 
 def test_blocks_and_docs_dataloaders(bert_dir, sample_df):
     tfm = HFTokenizer(bert_dir, max_len=32)
-    blocks = lm_blocks(tfm, sample_df.text[:20])
-    total = sum(len(x) + 1 for x in tfm.token_ids(sample_df.text[:20]))
-    assert all(len(b) == 32 and b[0] == tfm.tok.cls_token_id and b[-1] == tfm.tok.sep_token_id for b in blocks)
-    assert len(blocks) == total // 30
+    store = as_store(sample_df.text[:20].tolist(), tfm)
+    idx = [3, 0, 7, 8, 9, 15]                                            # any documents, in any order
+    blocks = [b[0].numpy() for b in BlockView(store, idx, tfm)]
+    texts = sample_df.text[:20].iloc[idx]                                # the oracle: concatenate with [SEP] and cut
+    flat = [t for ids in tfm.token_ids(texts) for t in ids + [tfm.tok.sep_token_id]]
+    want = [[tfm.tok.cls_token_id] + flat[i:i + 30] + [tfm.tok.sep_token_id] for i in range(0, len(flat) // 30 * 30, 30)]
+    assert len(blocks) == len(want) == len(flat) // 30
+    assert all(np.array_equal(b, w) for b, w in zip(blocks, want))
     dls = mlm_dataloaders(sample_df.text[:40], bert_dir, max_len=32, bs=8)
     x, lab, y = dls.one_batch()
     assert x.shape == (8, 32) and torch.equal(lab, y) and dls.n_inp == 2

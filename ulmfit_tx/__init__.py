@@ -2,17 +2,18 @@
 __version__ = "0.1.0"
 
 from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, max_positions, register_arch
-from .data import HFTextBlock, PadTokens, TokenSortedDL, clas_dataloaders
+from .data import HFTextBlock, PadTokens, StoreLabel, StoreText, TokenSortedDL, clas_dataloaders
 from .errors import UlmfitError
 from . import encoders  # noqa: F401 (registers scratch, memxl and compressive with the Auto classes)
 from .encoders import CompressiveConfig, MemXLConfig, ScratchConfig
-from .io import read_data, read_folder, read_table
+from .io import iter_chunks, iter_corpus, read_corpus, read_data, read_folder, read_table
 from .learner import (LAYER_DIV, ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner,
                       set_precision, ulmfit_lrs)
 from .memory import MemoryCallback, SegmentDL
-from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, lm_blocks, mask_tokens, mlm_dataloaders, mlm_loss
+from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, BlockView, DocView, mask_tokens, mlm_dataloaders, mlm_loss
 from .models import MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
 from .optimizer import ForeachAdamW
-from .pretrain import new_config, pretrain_learner, read_corpus
+from .pretrain import new_config, pretrain_learner
+from .store import TokenStore, as_store, build_store, cached_store, default_cache
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer
 from . import show  # noqa: F401 (registers show_results for text)

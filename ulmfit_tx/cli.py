@@ -3,6 +3,7 @@ training, prediction, fill-mask, learning-rate finder), with progress bars, metr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -19,7 +20,8 @@ def _data_args(p, labels: bool = True):
     "Options shared by the commands that read training data."
     p.add_argument("--model", required=True, help="model folder (save_pretrained layout) or hub name")
     p.add_argument("--data", required=True, help="CSV (.csv, .csv.gz), TSV or parquet file" + (
-        ", or a folder laid out as train/<label>/*.txt" if labels else ""))
+        ", a folder laid out as train/<label>/*.txt" if labels else ", .txt/.txt.gz corpus") + ", or a token store (tokenize)")
+    _cache_arg(p)
     p.add_argument("--text-col", default="text", help="column with the texts (default: text)")
     if labels:
         p.add_argument("--label-col", default="label", help="column with the labels (default: label)")
@@ -33,6 +35,11 @@ def _data_args(p, labels: bool = True):
     p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU")
+
+
+def _cache_arg(p):
+    p.add_argument("--cache", help="token store cache: a file is tokenized once and reused while it and the tokenizer "
+                   "are unchanged (default: $ULMFIT_TX_CACHE or ~/.cache/ulmfit_tx/stores)")
 
 
 def _out_args(p):
@@ -61,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article")
     p.add_argument("--max-rows", type=int, help="use only the first N texts")
 
+    p = sub.add_parser("tokenize", help="tokenize a corpus into a token store (memory-mapped ids, offsets, labels)")
+    p.add_argument("--model", required=True, help="model folder or hub name whose tokenizer to use")
+    p.add_argument("--data", required=True, help="CSV/TSV/parquet file, IMDb-layout folder, or .txt/.txt.gz corpus")
+    _out_args(p)
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", help="column with the labels, stored as class ids (default: none)")
+    p.add_argument("--valid-col", default="is_valid", help="boolean column of validation rows, stored if present")
+    p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
+                   help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article")
+    p.add_argument("--max-docs", type=int, help="tokenize only the first N documents")
+
     p = sub.add_parser("pretrain", help="train a tokenizer and a new encoder from scratch with the MLM objective")
     p.add_argument("--corpus", required=True, help=".txt/.txt.gz file, folder of them, or CSV/parquet with --text-col")
+    _cache_arg(p)
     p.add_argument("--arch", default="scratch", choices=["bert", "roberta", "albert", "scratch", "memxl", "compressive"])
     _out_args(p)
     p.add_argument("--valid", help="held-out corpus for the metrics (default: 5%% of the documents)")
@@ -133,15 +152,6 @@ def _seed(seed: int):
     set_seed(seed, reproducible=True)
 
 
-def _lm_texts(path: str, docs: str, unk: str):
-    """MLM texts: the documents of a .txt/.txt.gz corpus (WikiText's `<unk>` written as the tokenizer's
-    unknown token `unk`), else a table or IMDb-style folder (its text column)."""
-    from .io import TEXT_SUFFIXES, read_data
-    from .pretrain import mark_unknown, read_corpus
-    if str(path).lower().endswith(TEXT_SUFFIXES): return mark_unknown(read_corpus(path, docs), unk)
-    return read_data(path)
-
-
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
     from .io import check_out_dir
@@ -149,16 +159,19 @@ def finetune_lm(a):
     from .mlm import mlm_dataloaders
     from .models import load_config
     from .plots import LossHistory
-    from .tokenize import load_tokenizer
+    from .store import as_store
+    from .tokenize import HFTokenizer
+    _check_args(a)
     check_out_dir(a.out, a.force)
     _seed(a.seed)
-    config, tok = load_config(a.model), load_tokenizer(a.model)
-    texts = _lm_texts(a.data, a.docs, tok.unk_token)[: a.max_rows]
-    valid = _lm_texts(a.valid, a.docs, tok.unk_token) if a.valid else None
+    config, tfm = load_config(a.model), HFTokenizer(a.model)
+    opts = dict(text_col=a.text_col, docs=a.docs, unk=tfm.tok.unk_token)
+    store = as_store(a.data, tfm, a.cache, **opts, max_docs=a.max_rows)
+    valid = as_store(a.valid, tfm, a.cache, **opts) if a.valid else None
     memory = config.model_type in MEMORY_MODEL_TYPES
     mode = a.mode or ("segments" if memory else "blocks")
     max_len = a.max_len or (2 * config.segment_len if memory else 128)
-    dls = mlm_dataloaders(texts, tok, a.text_col, max_len, mode, a.valid_pct, valid, bs=a.bs, seed=a.seed,
+    dls = mlm_dataloaders(store, tfm.tok, a.text_col, max_len, mode, a.valid_pct, valid, bs=a.bs, seed=a.seed,
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=hist)
@@ -188,22 +201,23 @@ def _save_mlm(learn, hist, metrics: dict, a):
 def pretrain(a):
     from .io import check_out_dir
     from .plots import LossHistory
-    from .pretrain import pretrain_learner, read_corpus
+    from .io import iter_corpus
+    from .pretrain import pretrain_learner
+    _check_args(a)
     check_out_dir(a.out, a.force)
     _seed(a.seed)
-    texts = read_corpus(a.corpus, a.docs, a.text_col)[: a.max_docs]
-    valid = read_corpus(a.valid, a.docs, a.text_col) if a.valid else None
+    texts = list(itertools.islice(iter_corpus(a.corpus, a.docs, a.text_col), a.max_docs)) if a.max_docs else a.corpus
     hist = LossHistory()
-    learn = pretrain_learner(texts, a.arch, valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
-                             a.dropout, precision=a.precision, cbs=hist)
+    learn = pretrain_learner(texts, a.arch, a.valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
+                             a.dropout, docs=a.docs, text_col=a.text_col, cache=a.cache, precision=a.precision, cbs=hist)
     t0 = time.time()
     learn.fit_one_cycle(a.epochs, a.lr)
     train_time = time.time() - t0
     loss, acc, ppl = learn.validate()
     n_params = sum(p.numel() for p in learn.model.parameters())
     metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, dropout=a.dropout,
-                   max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params, n_train_docs=len(texts),
-                   n_valid_docs=len(valid) if valid else None, n_train_items=len(learn.dls.train_ds),
+                   max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params,
+                   n_train_items=len(learn.dls.train_ds), n_valid_items=len(learn.dls.valid_ds),
                    train_time_s=train_time)
     _save_mlm(learn, hist, metrics, a)
     print(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
@@ -213,15 +227,15 @@ def pretrain(a):
 
 def train_clf(a):
     from .data import clas_dataloaders
-    from .io import atomic_dir, check_out_dir, read_data
+    from .io import atomic_dir, check_out_dir
     from .learner import LAYER_DIV, classifier_learner, fit_ulmfit
     from .plots import LossHistory, plot_confusion, plot_losses
+    _check_args(a)
     check_out_dir(a.out, a.force)
     _seed(a.seed)
-    df = read_data(a.data)
     a.max_len = a.max_len or _clf_max_len(a.model)
-    dls = clas_dataloaders(df, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
-                           truncate=a.truncate, bs=a.bs)
+    dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
+                           truncate=a.truncate, bs=a.bs, cache=a.cache)
     hist = LossHistory()
     learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
     lr = a.lr or _DEFAULT_LR[a.schedule]
@@ -300,6 +314,30 @@ def predict(a):
     return res
 
 
+def tokenize_cmd(a):
+    from .store import build_store
+    from .tokenize import HFTokenizer
+    _check_args(a)
+    tfm = HFTokenizer(a.model)
+    store = build_store(a.data, tfm, a.out, a.text_col, a.label_col, a.valid_col, a.docs, tfm.tok.unk_token,
+                        max_docs=a.max_docs, force=a.force)
+    m = store.meta
+    print(f"token store: {m['n_docs']:,} documents, {m['n_tokens']:,} tokens ({m['dtype']})"
+          + (f", classes {m['classes']}" if m["classes"] else "") + f" in {m['seconds']:.1f}s -> {a.out}")
+    return store
+
+
+def _check_args(a):
+    "Refuse numeric options out of range and data paths that do not exist, before any work starts."
+    from .errors import UlmfitError, check_positive
+    for name in ("data", "corpus", "valid"):
+        path = getattr(a, name, None)
+        if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
+    names = ("max_len", "bs", "epochs", "lr", "max_rows", "max_docs", "vocab_size", "layers", "hidden", "heads", "top_k",
+             "div", "checkpoint_steps")
+    check_positive(**{n: getattr(a, n) for n in names if hasattr(a, n)})
+
+
 def fill_mask_cmd(a):
     from .mlm import fill_mask
     from .models import masked_lm_model
@@ -314,18 +352,19 @@ def fill_mask_cmd(a):
 def lr_find_cmd(a):
     from .io import atomic_dir, check_out_dir
     from .plots import plot_lr_find
+    _check_args(a)
     check_out_dir(a.out, a.force)
     _seed(a.seed)
     if a.task == "mlm":
         from .learner import mlm_learner
         from .mlm import mlm_dataloaders
-        learn = mlm_learner(mlm_dataloaders(a.data, a.model, a.text_col, a.max_len or 128, bs=a.bs, seed=a.seed),
-                            a.model, precision=a.precision)
+        learn = mlm_learner(mlm_dataloaders(a.data, a.model, a.text_col, a.max_len or 128, bs=a.bs, seed=a.seed,
+                                            cache=a.cache), a.model, precision=a.precision)
     else:
         from .data import clas_dataloaders
         from .learner import classifier_learner
         dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed,
-                               max_len=a.max_len or _clf_max_len(a.model), truncate=a.truncate, bs=a.bs)
+                               max_len=a.max_len or _clf_max_len(a.model), truncate=a.truncate, bs=a.bs, cache=a.cache)
         learn = classifier_learner(dls, a.model, precision=a.precision)
     with atomic_dir(a.out, a.force) as tmp:
         sugg = plot_lr_find(learn, tmp / "lr_find.png")
@@ -334,7 +373,7 @@ def lr_find_cmd(a):
     return sugg
 
 
-COMMANDS = {"pretrain": pretrain, "finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
+COMMANDS = {"tokenize": tokenize_cmd, "pretrain": pretrain, "finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
             "lr-find": lr_find_cmd}
 
 

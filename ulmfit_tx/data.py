@@ -1,21 +1,23 @@
-"Classification data: a TransformBlock over `HFTokenizer`, length-sorted batches with dynamic padding."
+"""Classification data: documents read from a token store (or a `TransformBlock` over `HFTokenizer` for a
+DataBlock), length-sorted batches with dynamic padding."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
-from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
-from fastai.data.core import DataLoaders
-from fastai.data.transforms import ColReader, ColSplitter, RandomSplitter
-from fastai.text.data import SortedDL
+from fastai.data.block import TransformBlock
+from fastai.data.core import DataLoaders, Datasets
+from fastai.data.transforms import Categorize
+from fastai.text.data import SortedDL, TensorText
 from fastcore.basics import ifnone
 from fasttransform import Transform
 
-from .errors import UlmfitError, check_columns, check_labels, check_texts
-from .io import read_data
+from .errors import UlmfitError, check_classes
+from .store import TokenStore, as_store
 from .tokenize import IDS_COL, HFTokenizer
 
-__all__ = ["PadTokens", "cached_lengths", "TokenSortedDL", "HFTextBlock", "valid_mask", "clas_dataloaders"]
+__all__ = ["PadTokens", "StoreText", "StoreLabel", "cached_lengths", "TokenSortedDL", "HFTextBlock", "store_splits", "random_split",
+           "clas_dataloaders"]
 
 
 class PadTokens(Transform):
@@ -39,9 +41,42 @@ class PadTokens(Transform):
         return out
 
 
+class StoreText(Transform):
+    """Item: the index of a document in a token store -> its model input (`TensorText`, truncated with special
+    tokens as `tfm` does). Texts and ids (`predict`, `test_dl`) pass through to `HFTokenizer`. The store is
+    not pickled: an exported learner reads texts."""
+
+    def __init__(self,
+        store: TokenStore,   # The token store
+        tfm: HFTokenizer,    # The tokenizer transform that made it (gives max_len, truncation, special tokens)
+    ):
+        super().__init__()
+        self.store, self.tfm = store, tfm
+
+    def encodes(self, i: int | np.integer): return TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(i)), dtype=torch.long))
+
+    def lengths(self, idx) -> np.ndarray:
+        "Model input lengths of the documents `idx`, from the store's offsets."
+        extra = len(self.tfm.prefix) + len(self.tfm.suffix)
+        return np.minimum(self.store.lengths(np.asarray(idx, dtype=np.int64)) + extra, self.tfm.max_len)
+
+    def __getstate__(self): return {**self.__dict__, "store": None}
+
+
+class StoreLabel(Transform):
+    "Item: the index of a document in a token store -> its class name (then `Categorize`). Not pickled with the store."
+    def __init__(self, store: TokenStore): super().__init__(); self.store = store
+    def encodes(self, i: int | np.integer): return self.store.classes[self.store.labels[i]]
+    def __getstate__(self): return {**self.__dict__, "store": None}
+
+
 def cached_lengths(dataset) -> list[int] | None:
-    "Token counts of the items of `dataset` read from ids already computed, or None if there are none."
-    items = getattr(getattr(dataset, "tls", [dataset])[0], "items", None)
+    "Token counts of the items of `dataset` read from ids already computed (or a token store), or None if there are none."
+    if hasattr(dataset, "item_lengths"): return dataset.item_lengths  # a view of a token store (mlm.py)
+    tl = getattr(dataset, "tls", [dataset])[0]
+    items = getattr(tl, "items", None)
+    store_tfm = [t for t in getattr(getattr(tl, "tfms", None), "fs", []) if isinstance(t, StoreText)]
+    if store_tfm and items is not None: return store_tfm[0].lengths(list(items)).tolist()
     if isinstance(items, pd.DataFrame): return items[IDS_COL].map(len).tolist() if IDS_COL in items else None
     if items is not None and len(items) and isinstance(items[0], np.ndarray): return [len(o) for o in items]
     return None
@@ -69,33 +104,28 @@ def HFTextBlock(
                           dls_kwargs={"before_batch": PadTokens(tfm.pad_id, tfm.pad_first, multiple_of)})
 
 
-_TRUE, _FALSE = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
+def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pct: float = 0.2, seed: int = 42):
+    """Training and validation document indices: by the store's validation flags when it has them (and
+    `valid_col` is not None), else a seeded random split (a `valid_col` other than the default must exist)."""
+    if valid_col is not None and store.is_valid is not None:
+        v = np.asarray(store.is_valid)
+        if v.all() or not v.any():
+            raise UlmfitError(f"column {valid_col!r} leaves no {'training' if v.all() else 'validation'} rows")
+        return np.flatnonzero(~v).tolist(), np.flatnonzero(v).tolist()
+    if valid_col not in (None, "is_valid"):
+        raise UlmfitError(f"{store.meta['source']['name']}: missing column {valid_col!r} (validation flags)")
+    return tuple(i.tolist() for i in random_split(len(store), valid_pct, seed))
 
 
-def valid_mask(df: pd.DataFrame, valid_col: str) -> pd.Series:
-    "The `valid_col` column as booleans (True/False, 1/0, yes/no), or an error naming the odd values."
-    col = df[valid_col]
-    if col.dtype == bool: return col
-    s = col.astype(str).str.strip().str.lower()
-    odd = ~s.isin(_TRUE | _FALSE)
-    if odd.any(): raise UlmfitError(f"column {valid_col!r} must hold True/False, found {sorted(col[odd].astype(str).unique())[:5]}")
-    return s.isin(_TRUE)
-
-
-def _split(df: pd.DataFrame, valid_col: str | None, valid_pct: float, seed: int):
-    """The DataFrame (with `valid_col` made boolean) and its splitter: by `valid_col` when the data has
-    it (a name other than the default must exist), else at random."""
-    if valid_col is None or (valid_col == "is_valid" and valid_col not in df):
-        return df, RandomSplitter(valid_pct, seed=seed)
-    check_columns(df, [valid_col])
-    is_valid = valid_mask(df, valid_col)
-    if is_valid.all() or not is_valid.any():
-        raise UlmfitError(f"column {valid_col!r} leaves no {'training' if is_valid.all() else 'validation'} rows")
-    return df.assign(**{valid_col: is_valid}), ColSplitter(valid_col)
+def random_split(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    "Sorted training and validation indices of `n` items, `int(valid_pct * n)` (at least 1) held out at random."
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = max(1, int(valid_pct * n))
+    return np.sort(perm[cut:]), np.sort(perm[:cut])
 
 
 def clas_dataloaders(
-    source,                            # DataFrame, CSV/parquet file, or folder in the IMDb train/<label>/*.txt layout
+    source,                            # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
     tokenizer,                         # A fast tokenizer, or a model folder / hub name
     text_col: str = "text",            # Column with the texts
     label_col: str = "label",          # Column with the labels (strings or ints)
@@ -105,13 +135,17 @@ def clas_dataloaders(
     max_len: int | None = None,        # Longest sequence, special tokens included
     truncate: str = "head",            # "head" or "head+tail"
     bs: int = 32,                      # Batch size
-    **kwargs,                          # Passed to `DataBlock.dataloaders` (e.g. `device`)
+    cache=None,                        # Token store cache for a file source (None: the default cache; False: none)
+    **kwargs,                          # Passed to `Datasets.dataloaders` (e.g. `device`)
 ) -> DataLoaders:
-    "Classification `DataLoaders`: texts tokenized once, length-sorted batches padded to their longest text."
-    df = source if isinstance(source, pd.DataFrame) else read_data(source)
-    check_texts(df, text_col)
-    check_labels(df, label_col)
-    df, splitter = _split(df.reset_index(drop=True), valid_col, valid_pct, seed)
-    dblock = DataBlock(blocks=(HFTextBlock(tokenizer, text_col, max_len, truncate), CategoryBlock),
-                       get_y=ColReader(label_col), splitter=splitter)
-    return dblock.dataloaders(df, bs=bs, num_workers=0, **kwargs)
+    """Classification `DataLoaders` over a token store: the texts are tokenized once (into the cache for a
+    file, reused on the next run), items are document indices, batches are length-sorted and padded to their
+    longest text."""
+    tfm = HFTokenizer(tokenizer, max_len, truncate)
+    store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col)
+    if store.classes is None: raise UlmfitError(f"{store.path}: the token store has no labels; build it with a label column")
+    check_classes(store.classes, label_col, store.meta["source"]["name"])
+    dsets = Datasets(range(len(store)), tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), Categorize(vocab=store.classes, sort=False)]],
+                     splits=store_splits(store, valid_col, valid_pct, seed))
+    return dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
+                             **kwargs)

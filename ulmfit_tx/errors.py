@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["UlmfitError", "check_columns", "check_texts", "check_labels", "check_max_len"]
+__all__ = ["UlmfitError", "check_columns", "check_texts", "check_label_values", "check_labels", "check_classes", "valid_mask", "check_max_len",
+           "check_positive"]
 
 
 class UlmfitError(ValueError):
@@ -40,17 +41,46 @@ def check_texts(df: pd.DataFrame, text_col: str, what: str = "data"):
                           f"(rows {_rows(df.index[blank])})")
 
 
-def check_labels(df: pd.DataFrame, label_col: str, what: str = "data"):
-    "Raise if labels are missing or there is only one class."
+def check_label_values(df: pd.DataFrame, label_col: str, what: str = "data"):
+    "Raise if any row has no label (missing, NaN or blank)."
     check_columns(df, [label_col], what)
-    na = df[label_col].isna() | df[label_col].astype(str).str.strip().eq("")
+    na = df[label_col].isna() | df[label_col].astype(str).str.strip().isin(["", "nan", "NaN", "None", "<NA>"])
     if na.any():
         raise UlmfitError(f"{what}: {int(na.sum())} row(s) have no label in column {label_col!r} "
                           f"(rows {_rows(df.index[na])})")
-    classes = df[label_col].unique()
+
+
+def check_labels(df: pd.DataFrame, label_col: str, what: str = "data"):
+    "Raise if labels are missing or there is only one class."
+    check_label_values(df, label_col, what)
+    check_classes(df[label_col].unique(), label_col, what)
+
+
+def check_classes(classes, label_col: str = "label", what: str = "data"):
+    "Raise if there are fewer than two classes."
     if len(classes) < 2:
-        raise UlmfitError(f"{what}: column {label_col!r} has a single class ({classes[0]!r}); "
+        raise UlmfitError(f"{what}: column {label_col!r} has a single class ({list(classes)[0]!r}); "
                           "a classifier needs at least two")
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
+
+
+def valid_mask(df: pd.DataFrame, valid_col: str) -> pd.Series:
+    "The `valid_col` column as booleans (True/False, 1/0, yes/no), or an error naming the odd values."
+    col = df[valid_col]
+    if col.dtype == bool: return col
+    s = col.astype(str).str.strip().str.lower()
+    odd = ~s.isin(_TRUE | _FALSE)
+    if odd.any(): raise UlmfitError(f"column {valid_col!r} must hold True/False, found {sorted(col[odd].astype(str).unique())[:5]}")
+    return s.isin(_TRUE)
+
+
+def check_positive(**values):
+    "Raise for the first of `name=value` that is not a positive number (None is allowed: a default applies)."
+    for name, v in values.items():
+        if v is not None and not v > 0:
+            raise UlmfitError(f"{name.replace('_', '-')} must be positive, not {v}")
 
 
 def check_max_len(max_len: int, limit: int, model: str = "the model"):

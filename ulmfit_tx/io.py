@@ -1,9 +1,13 @@
-"Reading text tables and folders, and writing output folders atomically."
+"""Reading text tables, folders and plain-text corpora (whole, or streamed in chunks for the token store),
+and writing output folders and files atomically."""
 from __future__ import annotations
 
+import gzip
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,7 +15,8 @@ import pandas as pd
 
 from .errors import UlmfitError
 
-__all__ = ["read_table", "read_folder", "read_data", "atomic_dir", "check_out_dir"]
+__all__ = ["read_table", "read_folder", "read_data", "iter_corpus", "read_corpus", "mark_unknown", "iter_chunks",
+           "atomic_dir", "atomic_file", "check_out_dir", "model_source"]
 
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".tsv", ".tsv.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text corpora
@@ -58,9 +63,166 @@ def read_folder(path, valid_names=("test", "valid")) -> pd.DataFrame:
     return df
 
 
+def _class_files(path: Path, valid_names=("test", "valid")) -> list[tuple[Path, str, bool]]:
+    "(file, label, is_valid) of every `.txt` of a folder in the IMDb layout, in `read_folder`'s order."
+    def under(root, valid):
+        return [(f, d.name, valid) for d in sorted(p for p in root.iterdir() if p.is_dir()) for f in sorted(d.glob("*.txt"))]
+    if not (path / "train").is_dir(): return under(path, False)
+    return under(path / "train", False) + [x for v in valid_names if (path / v).is_dir() for x in under(path / v, True)]
+
+
+def _is_class_folder(p: Path) -> bool:
+    "IMDb's layout (`train/<label>/`), or `<label>/*.txt` sub-folders with no text files beside them."
+    if (p / "train").is_dir(): return True
+    return not any(p.glob("*.txt*")) and any(d.is_dir() and any(d.glob("*.txt")) for d in p.iterdir())
+
+
 def read_data(path) -> pd.DataFrame:
     "A table file, or a folder in the IMDb `train/<label>/*.txt` layout."
     return read_folder(path) if Path(path).is_dir() else read_table(path)
+
+
+_HEADING = re.compile(r"^ ?= [^=].* = ?$")  # a WikiText article title: " = Title = "
+DOCS = ("lines", "files", "articles")  # what a document of a plain-text corpus is
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    "The lines of a UTF-8 text file (gzipped or not), read one at a time."
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            yield from f
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise UlmfitError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}: {e})") from None
+
+
+def _file_docs(path: Path, docs: str) -> Iterator[str]:
+    "The documents of one text file: non-empty lines, the whole file, or WikiText articles (' = Title = ' lines)."
+    doc = []
+    for line in _text_lines(path):
+        line = line.strip()
+        if docs == "lines":
+            if line: yield line
+            continue
+        if docs == "articles" and _HEADING.match(line) and doc: yield " ".join(doc); doc = []
+        if line: doc.append(line)
+    if doc: yield " ".join(doc)
+
+
+def _corpus_files(p: Path) -> list[Path]:
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
+    if not files: raise UlmfitError(f"{p}: no .txt or .txt.gz files in the folder")
+    return files
+
+
+def iter_corpus(
+    path,                    # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
+    docs: str = "lines",     # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
+    text_col: str = "text",  # Column of a CSV/parquet corpus
+) -> Iterator[str]:
+    "The non-blank documents of a corpus, streamed (a table is read in chunks, a text file line by line)."
+    if docs not in DOCS: raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
+    p = Path(path)
+    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
+    if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES):
+        for chunk in iter_chunks(p, text_col): yield from (t for t in chunk.text.astype(str) if t.strip())
+    else:
+        for f in _corpus_files(p): yield from _file_docs(f, docs)
+
+
+def read_corpus(path, docs: str = "lines", text_col: str = "text") -> list[str]:
+    "The documents of a corpus (see `iter_corpus`) as a list, checked to hold some text."
+    out = list(iter_corpus(path, docs, text_col))
+    if not out: raise UlmfitError(f"{path}: the corpus has no text")
+    return out
+
+
+def mark_unknown(docs, unk: str):
+    "WikiText writes unknown words as `<unk>`: write them as the tokenizer's own unknown token `unk` (lazily for an iterator)."
+    if docs is None or unk == "<unk>": return docs
+    if isinstance(docs, list): return [d.replace("<unk>", unk) for d in docs]
+    return (d.replace("<unk>", unk) for d in docs)
+
+
+def _table_columns(path: Path) -> list[str]:
+    "The column names of a table file, read without its rows; duplicate names are refused."
+    name = path.name.lower()
+    if not name.endswith(TABLE_SUFFIXES): raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+            cols = pd.Index(pq.ParquetFile(path).schema_arrow.names)
+        else: cols = pd.read_csv(path, sep=_sep(name), nrows=0).columns
+    except pd.errors.EmptyDataError: raise UlmfitError(f"{path}: the file is empty") from None
+    except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    dup = cols[cols.duplicated()] if name.endswith((".parquet", ".pq")) else cols[cols.str.contains(r"\.\d+$")]
+    dup = [c for c in dup if name.endswith((".parquet", ".pq")) or c.rsplit(".", 1)[0] in cols]  # pandas renames x -> x.1
+    if len(dup): raise UlmfitError(f"{path}: duplicate column names ({', '.join(map(str, dup))})")
+    return list(cols)
+
+
+def _sep(name: str) -> str: return "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+
+
+def _table_chunks(path: Path, cols: list[str], rows: int) -> Iterator[pd.DataFrame]:
+    "`cols` of a table file as strings, `rows` at a time: CSV/TSV with pandas' chunked reader, parquet by record batch."
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+            start = 0
+            for batch in pq.ParquetFile(path).iter_batches(rows, columns=cols):
+                df = batch.to_pandas()
+                df.index += start
+                start += len(df)
+                yield df
+        else: yield from pd.read_csv(path, sep=_sep(name), usecols=cols, dtype=str, keep_default_na=False, chunksize=rows)
+    except UlmfitError: raise
+    except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _folder_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    "`text, label, is_valid` rows of an IMDb-layout folder, `rows` files at a time."
+    files = _class_files(path)
+    if not files: raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
+    for i in range(0, len(files), rows):
+        part = files[i:i + rows]
+        yield pd.DataFrame({"text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in part],
+                            "label": [lab for _, lab, _ in part], "is_valid": [v for _, _, v in part]},
+                           index=range(i, i + len(part)))
+
+
+def iter_chunks(
+    path,                           # A table file, an IMDb-layout folder, or a .txt/.txt.gz corpus (file or folder)
+    text_col: str = "text",         # Column with the texts
+    label_col: str | None = None,   # Column with the labels (read as strings), or None
+    valid_col: str | None = None,   # Boolean column marking validation rows, read if the data has it
+    docs: str = "lines",            # For a plain-text corpus: what a document is (see `iter_corpus`)
+    rows: int = 20_000,             # Rows per chunk
+    check: bool = True,             # Raise if `text_col` or `label_col` is missing
+    unk: str | None = None,         # For a plain-text corpus: write WikiText's `<unk>` as this token
+) -> Iterator[pd.DataFrame]:
+    """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `label`, `is_valid` when
+    read), indexed by row number: the file is never read whole. A folder in the IMDb layout gives `text, label,
+    is_valid` (True under test/ or valid/); a plain-text corpus gives `text`."""
+    p = Path(path)
+    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
+    if p.is_dir() and _is_class_folder(p): yield from _folder_chunks(p, rows); return
+    if p.is_dir() or p.name.lower().endswith(TEXT_SUFFIXES):
+        batch, start = [], 0
+        for d in mark_unknown((d for f in _corpus_files(p) for d in _file_docs(f, docs)), unk or "<unk>"):
+            batch.append(d)
+            if len(batch) == rows: yield pd.DataFrame({"text": batch}, index=range(start, start + rows)); start += rows; batch = []
+        if batch: yield pd.DataFrame({"text": batch}, index=range(start, start + len(batch)))
+        return
+    have = _table_columns(p)
+    cols = [text_col] + ([label_col] if label_col else [])
+    if any(c not in have for c in cols):
+        if not check: return
+        raise UlmfitError(f"{path}: missing column {', '.join(repr(c) for c in cols if c not in have)}; "
+                          f"the columns are {', '.join(map(repr, have))}")
+    if valid_col in have: cols.append(valid_col)
+    names = dict(zip(cols, ["text", "label" if label_col else "is_valid", "is_valid"]))
+    for chunk in _table_chunks(p, cols, rows): yield chunk[cols].rename(columns=names)
 
 
 def check_out_dir(out, force: bool = False) -> Path:
@@ -70,6 +232,20 @@ def check_out_dir(out, force: bool = False) -> Path:
         raise UlmfitError(f"{out}: already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir(): raise UlmfitError(f"{out}: exists and is not a folder")
     return out
+
+
+@contextmanager
+def atomic_file(path):
+    "Yield a temporary path beside `path`; when the block succeeds it replaces `path`, else it is removed."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
 
 
 @contextmanager
@@ -89,3 +265,17 @@ def atomic_dir(out, force: bool = False):
         else: os.replace(tmp, out)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_source(src) -> str:
+    "Check that `src` is a Hugging Face model folder, or else pass it on as a hub name."
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir(): raise UlmfitError(f"{src}: is a file; expected a model folder (config.json, weights, tokenizer)")
+        if not (p / "config.json").exists():
+            raise UlmfitError(f"{src}: not a Hugging Face model folder (no config.json); "
+                              "give a folder written by save_pretrained, or a hub name")
+        return str(p)
+    if str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+        raise UlmfitError(f"{src}: no such model folder")
+    return str(src)

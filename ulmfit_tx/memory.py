@@ -47,7 +47,7 @@ class SegmentDL(TfmdDL):
             r = int(loads.argmin())
             self.rows[r].append(int(d))
             loads[r] += self.chunks[d]
-        self.steps = int(loads.max()) if lens else 0
+        self.steps = int(loads.max()) if len(lens) else 0
         super().__init__(dataset, bs=bs, n=self.steps * bs, **kwargs)
         self.plan()
 

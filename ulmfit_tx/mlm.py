@@ -1,46 +1,89 @@
-"""Masked-language-model data and metrics: texts cut into blocks (or kept per document), BERT's
+"""Masked-language-model data and metrics: a token store read as blocks (or per document), BERT's
 dynamic masking vectorised over the batch, masked-token accuracy and perplexity, fill-mask."""
 from __future__ import annotations
 
 import math
-import os
+from functools import partial
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastai.data.core import DataLoaders, Datasets, TfmdDL
-from fastai.data.transforms import RandomSplitter
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.learner import Metric
+from fastai.text.data import TensorText
 from fasttransform import ItemTransform
 
-from .data import PadTokens, TokenSortedDL
-from .errors import UlmfitError, check_texts
-from .io import read_data
+from .data import PadTokens, TokenSortedDL, random_split
+from .errors import UlmfitError
 from .memory import SegmentDL
+from .store import TokenStore, as_store
 from .tokenize import HFTokenizer, word_start_table
 
-__all__ = ["lm_blocks", "whole_docs", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
+__all__ = ["DocView", "BlockView", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
            "MaskedPerplexity", "fill_mask"]
 
 
-def lm_blocks(tfm: HFTokenizer, texts) -> list[np.ndarray]:
-    """Concatenate the tokens of all texts (a separator between documents) and cut them into blocks of
-    `tfm.max_len` with the special tokens around each; the last, shorter block is dropped (no blocks if
-    the texts are shorter than one)."""
-    sep = tfm.tok.sep_token_id if tfm.tok.sep_token_id is not None else tfm.tok.eos_token_id
-    docs = tfm.token_ids(texts)
-    flat = np.fromiter((t for d in docs for t in (d + [sep] if sep is not None else d)), dtype=np.int32)
-    n = tfm.max_len - len(tfm.prefix) - len(tfm.suffix)
-    body = flat[: len(flat) // n * n].reshape(-1, n)
-    if len(body) == 0: return []
-    wrapped = np.concatenate([np.tile(tfm.prefix, (len(body), 1)), body, np.tile(tfm.suffix, (len(body), 1))], axis=1)
-    return list(wrapped.astype(np.int32))
+class DocView:
+    """Documents `idx` of a token store as MLM items `(TensorText,)`: each truncated to `tfm.max_len` ("docs"), or
+    whole ("segments", read by `SegmentDL`), with the special tokens around it. Lengths come from the offsets."""
+    n_inp = 2  # `MaskTokens` turns (ids,) into (masked, labels, labels): the model reads the labels too
+
+    def __init__(self,
+        store: TokenStore,      # The token store
+        idx,                    # Indices of its documents, in reading order
+        tfm: HFTokenizer,       # The tokenizer transform (max_len, special tokens, decoding)
+        truncate: bool = True,  # Cut each document to `tfm.max_len`
+    ):
+        self.store, self.idx, self.tfm, self.truncate = store, np.asarray(idx, dtype=np.int64), tfm, truncate
+        extra = len(tfm.prefix) + len(tfm.suffix)
+        lens = store.lengths(self.idx) + extra
+        self.item_lengths = np.minimum(lens, tfm.max_len) if truncate else lens  # read by `cached_lengths`
+
+    def __len__(self) -> int: return len(self.idx)
+
+    def __getitem__(self, i: int):
+        if i >= len(self.idx): raise IndexError(i)
+        return (TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(self.idx[i]), self.truncate), dtype=torch.long)),)
+
+    def decode(self, o, full: bool = True): return self.tfm.decode(o)
 
 
-def whole_docs(tfm: HFTokenizer, texts) -> list[np.ndarray]:
-    "The untruncated ids of each text with the special tokens around it."
-    return [np.array(tfm.prefix + d + tfm.suffix, dtype=np.int32) for d in tfm.token_ids(texts)]
+class BlockView:
+    """Documents `idx` of a token store concatenated, with a separator after each, and cut into blocks of
+    `tfm.max_len` tokens with the special tokens around each (the last, shorter block is dropped). A block is
+    index arithmetic over the flat token array: nothing but one end offset per document is kept in memory."""
+    n_inp = 2
+
+    def __init__(self,
+        store: TokenStore,   # The token store
+        idx,                 # Indices of its documents, in reading order
+        tfm: HFTokenizer,    # The tokenizer transform (block length, special tokens, decoding)
+    ):
+        self.store, self.idx, self.tfm = store, np.asarray(idx, dtype=np.int64), tfm
+        tok = tfm.tok
+        self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        self.body = tfm.max_len - len(tfm.prefix) - len(tfm.suffix)         # tokens of the corpus per block
+        self.ends = np.cumsum(store.lengths(self.idx) + (self.sep is not None))  # (n_docs,) end of each document + separator
+        self.n = int(self.ends[-1]) // self.body if len(self.ends) else 0
+        self.wrap = (np.asarray(tfm.prefix, np.int32), np.asarray(tfm.suffix, np.int32))
+
+    def __len__(self) -> int: return self.n
+
+    def __getitem__(self, b: int):
+        if b >= self.n: raise IndexError(b)
+        start, stop = b * self.body, (b + 1) * self.body                   # positions in the concatenated corpus
+        j = int(np.searchsorted(self.ends, start, side="right"))           # the document the block starts in
+        parts, pos = [], start
+        while pos < stop:
+            d0 = int(self.ends[j - 1]) if j else 0                         # where document j starts
+            ids = self.store.doc(self.idx[j])
+            if self.sep is not None: ids = np.append(ids, self.sep)
+            parts.append(ids[pos - d0:stop - d0])
+            pos, j = int(self.ends[j]), j + 1
+        ids = np.concatenate([self.wrap[0], *parts, self.wrap[1]]).astype(np.int64)
+        return (TensorText(torch.from_numpy(ids)),)
+
+    def decode(self, o, full: bool = True): return self.tfm.decode(o)
 
 
 def mask_tokens(
@@ -110,16 +153,8 @@ class MaskTokens(ItemTransform):
         return (b[0], targets, *b[2:-1], targets)
 
 
-def _texts(source, text_col: str) -> list[str]:
-    "Texts from a list, Series, DataFrame or file, checked to be non-empty strings."
-    if isinstance(source, (str, os.PathLike)): source = read_data(source)
-    df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
-    check_texts(df, text_col)
-    return df[text_col].tolist()
-
-
 def mlm_dataloaders(
-    source,                      # Texts: list, Series, DataFrame with `text_col`, or a CSV/parquet file
+    source,                      # Texts: list, Series, DataFrame with `text_col`, a table file, a .txt corpus, or a token store
     tokenizer,                   # A fast tokenizer, or a model folder / hub name
     text_col: str = "text",      # Column with the texts (DataFrame or file)
     max_len: int = 128,          # Block length (or longest document; or, with "segments", tokens per row per batch)
@@ -133,35 +168,37 @@ def mlm_dataloaders(
     mask_frac: float = 0.8,      # Of the chosen: share set to [MASK]
     random_frac: float = 0.1,    # Of the chosen: share set to a random token
     whole_word: bool = False,    # Whole-word masking
-    **kwargs,                    # Passed to `Datasets.dataloaders` (e.g. `device`)
+    docs: str = "lines",         # For a .txt corpus: a document is a line, a file, or a WikiText article
+    cache=None,                  # Token store cache for a file source (None: the default cache; False: none)
+    **kwargs,                    # Passed to the DataLoaders (e.g. `device`)
 ) -> DataLoaders:
-    """MLM `DataLoaders`: ids computed once; each batch is masked afresh (`MaskTokens`), so every epoch sees new masks.
-    With mode "segments" the batches come from `SegmentDL` and carry a "starts a document" flag per row."""
+    """MLM `DataLoaders` over a token store: the texts are tokenized once (into the cache for a file), blocks and
+    documents are read from the memory-mapped ids; each batch is masked afresh (`MaskTokens`), so every epoch
+    sees new masks. With mode "segments" the batches come from `SegmentDL` and carry a "starts a document" flag."""
     if mode not in ("blocks", "docs", "segments"):
         raise UlmfitError(f"mode must be 'blocks', 'docs' or 'segments', not {mode!r}")
-    texts = _texts(source, text_col)
     tfm = HFTokenizer(tokenizer, max_len)
-    if valid_texts is not None: parts = [texts, _texts(valid_texts, text_col)]
+    opts = dict(text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
+    store = as_store(source, tfm, cache, **opts)
+    if valid_texts is not None: parts = [(store, np.arange(len(store))), (vstore := as_store(valid_texts, tfm, cache, **opts),
+                                                                          np.arange(len(vstore)))]
     else:
-        if len(texts) < 2: raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
-        train_idx, valid_idx = RandomSplitter(max(valid_pct, 1 / len(texts)), seed=seed)(texts)  # hold out >= 1 text
-        parts = [[texts[i] for i in idx] for idx in (train_idx, valid_idx)]
-    n_texts = [len(p) for p in parts]
-    parts = [lm_blocks(tfm, p) if mode == "blocks" else whole_docs(tfm, p) if mode == "segments" else tfm.encode_batch(p)
-             for p in parts]
-    for part, n, what in zip(parts, n_texts, ("training", "held-out")):
-        if not part: raise UlmfitError(f"the {n} {what} text(s) fill no block of {max_len} tokens: lower max_len, "
-                                       "add texts or change valid_pct")
-    splits = (list(range(len(parts[0]))), list(range(len(parts[0]), len(parts[0]) + len(parts[1]))))
-    dsets = Datasets(parts[0] + parts[1], tfms=[[tfm]], splits=splits, n_inp=2)
+        if len(store) < 2: raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
+        parts = [(store, idx) for idx in random_split(len(store), valid_pct, seed)]
+    view = {"blocks": BlockView, "docs": DocView, "segments": partial(DocView, truncate=False)}[mode]
+    views = [view(st, idx, tfm) for st, idx in parts]
+    for v, (_, idx), what in zip(views, parts, ("training", "held-out")):
+        if not len(v): raise UlmfitError(f"the {len(idx)} {what} text(s) fill no block of {max_len} tokens: lower max_len, "
+                                         "add texts or change valid_pct")
     mask = MaskTokens(tfm, mlm_prob, mask_frac, random_frac, whole_word)
     if mode == "segments":
-        dls = [SegmentDL(ds, max_len, tfm.pad_id, bs, seed, shuffle=train, after_batch=mask, **kwargs)
-               for ds, train in ((dsets.train, True), (dsets.valid, False))]
-        return DataLoaders(*dls, device=kwargs.get("device"))
-    return dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL if mode == "docs" else TfmdDL,
-                             before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
-                             after_batch=mask, **kwargs)
+        dls = [SegmentDL(v, max_len, tfm.pad_id, bs, seed, shuffle=train, after_batch=mask, **kwargs)
+               for v, train in zip(views, (True, False))]
+    else:
+        dl_type = TokenSortedDL if mode == "docs" else TfmdDL
+        dls = [dl_type(v, bs=bs, shuffle=train, drop_last=train, num_workers=0, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
+                       after_batch=mask, **kwargs) for v, train in zip(views, (True, False))]
+    return DataLoaders(*dls, device=kwargs.get("device"))
 
 
 def mlm_loss(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

@@ -15,25 +15,12 @@ from .attention import use_fast_attention
 from .encoders import MEMORY_MODEL_TYPES
 from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
+from .io import model_source
 
-__all__ = ["model_source", "load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "PoolingClassifierHead", "SequenceClassifier",
+__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "PoolingClassifierHead", "SequenceClassifier",
            "masked_lm_model", "classifier_model", "load_config"]
 
 AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
-
-
-def model_source(src) -> str:
-    "Check that `src` is a Hugging Face model folder, or else pass it on as a hub name."
-    p = Path(src).expanduser()
-    if p.exists():
-        if not p.is_dir(): raise UlmfitError(f"{src}: is a file; expected a model folder (config.json, weights, tokenizer)")
-        if not (p / "config.json").exists():
-            raise UlmfitError(f"{src}: not a Hugging Face model folder (no config.json); "
-                              "give a folder written by save_pretrained, or a hub name")
-        return str(p)
-    if str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
-        raise UlmfitError(f"{src}: no such model folder")
-    return str(src)
 
 
 def load_hf(src, family: str = "base", **kwargs) -> PreTrainedModel:

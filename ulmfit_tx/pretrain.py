@@ -3,9 +3,7 @@ encoder of any supported architecture, and train it with the MLM objective. The 
 Face model folder that the rest of the pipeline (finetune-lm, train-clf, fill-mask) reads as any other."""
 from __future__ import annotations
 
-import gzip
-import re
-from pathlib import Path
+import os
 
 from transformers import (AlbertConfig, AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedTokenizerFast,
                           RobertaConfig)
@@ -13,13 +11,13 @@ from transformers import (AlbertConfig, AutoModelForMaskedLM, BertConfig, PreTra
 from .archs import max_positions
 from .encoders import MEMORY_MODEL_TYPES, CompressiveConfig, MemXLConfig, ScratchConfig
 from .errors import UlmfitError
-from .io import TABLE_SUFFIXES, TEXT_SUFFIXES, read_table
+from .io import iter_corpus, mark_unknown
 from .learner import MLMLearner, mlm_learner
 from .mlm import mlm_dataloaders
 from .models import MaskedLM, MemoryMaskedLM
 from .train_tokenizer import train_tokenizer, unk_token
 
-__all__ = ["PRETRAIN_ARCHS", "read_corpus", "mark_unknown", "new_config", "pretrain_learner"]
+__all__ = ["PRETRAIN_ARCHS", "new_config", "pretrain_learner"]
 
 # arch: (tokenizer kind, config class)
 PRETRAIN_ARCHS = {"bert": ("wordpiece", BertConfig), "roberta": ("bpe", RobertaConfig), "albert": ("unigram", AlbertConfig),
@@ -28,51 +26,6 @@ PRETRAIN_ARCHS = {"bert": ("wordpiece", BertConfig), "roberta": ("bpe", RobertaC
 # dropout inside the encoder (ours; BERT, RoBERTa, ALBERT): off while pretraining, kept for fine-tuning
 DROPOUT_FIELDS = ("hidden_dropout", "attn_dropout", "attn_layer_dropout", "ff_dropout", "hidden_dropout_prob",
                   "attention_probs_dropout_prob")
-_HEADING = re.compile(r"^ ?= [^=].* = ?$")  # a WikiText article title: " = Title = "
-
-
-def _read_text(path: Path) -> str:
-    try:
-        if path.name.endswith(".gz"): return gzip.open(path, "rt", encoding="utf-8").read()
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e: raise UlmfitError(f"{path}: cannot be read as UTF-8 text ({e})") from None
-
-
-def _split_docs(text: str, docs: str) -> list[str]:
-    lines = [l.strip() for l in text.splitlines()]
-    if docs == "lines": return [l for l in lines if l]
-    if docs == "files": return [" ".join(l for l in lines if l)]
-    out = []  # articles
-    for l in lines:
-        if _HEADING.match(l) or not out: out.append([])
-        if l: out[-1].append(l)
-    return [" ".join(d) for d in out if d]
-
-
-def read_corpus(
-    path,                    # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
-    docs: str = "lines",     # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
-    text_col: str = "text",  # Column of a CSV/parquet corpus
-) -> list[str]:
-    "The documents of a corpus, checked to hold some text."
-    if docs not in ("lines", "files", "articles"): raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
-    p = Path(path)
-    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
-    if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES):
-        df = read_table(p)
-        if text_col not in df: raise UlmfitError(f"{path}: no column {text_col!r} (columns: {', '.join(map(str, df.columns))})")
-        out = [t for t in df[text_col].astype(str) if t.strip()]
-    else:
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
-        if not files: raise UlmfitError(f"{path}: no .txt or .txt.gz files in the folder")
-        out = [d for f in files for d in _split_docs(_read_text(f), docs)]
-    if not out: raise UlmfitError(f"{path}: the corpus has no text")
-    return out
-
-
-def mark_unknown(docs: list[str] | None, unk: str) -> list[str] | None:
-    "WikiText writes unknown words as `<unk>`: write them as the tokenizer's own unknown token `unk`."
-    return docs if docs is None or unk == "<unk>" else [d.replace("<unk>", unk) for d in docs]
 
 
 def new_config(
@@ -102,9 +55,9 @@ def new_config(
 
 
 def pretrain_learner(
-    texts: list[str],              # Training documents
+    texts,                         # Training documents: a list, or a corpus path (.txt/.txt.gz file or folder, CSV/parquet)
     arch: str = "scratch",         # One of PRETRAIN_ARCHS
-    valid_texts: list[str] | None = None,  # Held-out documents (default: 5% of `texts`)
+    valid_texts=None,              # Held-out documents, in the same forms (default: 5% of `texts`)
     vocab_size: int = 8000,        # Tokenizer vocabulary, special tokens included
     max_len: int = 128,            # Block length; memory encoders: segment length (rows read 2 segments a batch)
     layers: int = 4, hidden: int = 256, heads: int = 4,  # Encoder size
@@ -112,6 +65,9 @@ def pretrain_learner(
     seed: int = 42,                # Seed of the split and of the masking
     dropout: float | None = 0.0,   # Dropout while pretraining (short runs learn faster without); None: the config's
     config_kwargs: dict | None = None,  # Further config fields
+    docs: str = "lines",           # For a .txt corpus: a document is a line, a file, or a WikiText article
+    text_col: str = "text",        # Column of a CSV/parquet corpus
+    cache=None,                    # Token store cache for a corpus path (None: the default cache; False: none)
     **kwargs,                      # Passed to `mlm_learner` (e.g. `cbs`, `precision`)
 ) -> MLMLearner:
     """A tokenizer trained on `texts`, a new `arch` encoder and an `MLMLearner` over them, ready for
@@ -120,13 +76,19 @@ def pretrain_learner(
     gives the fine-tuning stages."""
     kind, _ = PRETRAIN_ARCHS.get(arch, (None, None))
     if kind is None: raise UlmfitError(f"arch must be one of {', '.join(PRETRAIN_ARCHS)}, not {arch!r}")
-    texts, valid_texts = mark_unknown(texts, unk_token(kind)), mark_unknown(valid_texts, unk_token(kind))
-    tok = train_tokenizer(texts, kind, vocab_size)
+    unk = unk_token(kind)
+    if not isinstance(valid_texts, (str, os.PathLike)): valid_texts = mark_unknown(valid_texts, unk)
+    if isinstance(texts, (str, os.PathLike)):  # streamed twice: to train the tokenizer, then into the token store
+        tok = train_tokenizer(mark_unknown(iter_corpus(texts, docs, text_col), unk), kind, vocab_size)
+    else:
+        texts = mark_unknown(list(texts), unk)
+        tok = train_tokenizer(texts, kind, vocab_size)
     config = new_config(arch, tok, max_len, layers, hidden, heads, **(config_kwargs or {}))
     memory = config.model_type in MEMORY_MODEL_TYPES
     tok.model_max_length = max_positions(config)
     dls = mlm_dataloaders(texts, tok, max_len=2 * max_len if memory else max_len, mode="segments" if memory else "blocks",
-                          valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed)
+                          valid_texts=valid_texts, valid_pct=0.05, bs=bs, seed=seed, docs=docs, text_col=text_col,
+                          cache=cache)
     defaults = {f: getattr(config, f) for f in DROPOUT_FIELDS if hasattr(config, f)}
     if dropout is not None: config.update(dict.fromkeys(defaults, dropout))
     hf = AutoModelForMaskedLM.from_config(config)

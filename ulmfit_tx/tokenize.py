@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import UlmfitError
-from .models import model_source
+from .io import model_source
 
 __all__ = ["IDS_COL", "load_tokenizer", "HFTokenizer", "find_tokenizer", "word_start_table"]
 
@@ -96,13 +96,14 @@ class HFTokenizer(Transform):
     @property
     def pad_first(self) -> bool: return self.tok.padding_side == "left"
 
-    def _cut(self, ids: list[int]) -> list[int]:
-        "Truncate one text's ids to fit `max_len` with its special tokens."
+    def wrap(self, ids, truncate: bool = True) -> np.ndarray:
+        "One text's ids (without special tokens) as model input: truncated to fit `max_len`, special tokens around."
+        ids = np.asarray(ids, dtype=np.int32)
         n = self.max_len - len(self.prefix) - len(self.suffix)
-        if len(ids) > n:
+        if truncate and len(ids) > n:
             head = n if self.truncate == "head" else round(n * self.head_frac)
-            ids = ids[:head] + (ids[len(ids) - (n - head):] if n > head else [])
-        return self.prefix + ids + self.suffix
+            ids = np.concatenate([ids[:head], ids[len(ids) - (n - head):]])
+        return np.concatenate([np.asarray(self.prefix, np.int32), ids, np.asarray(self.suffix, np.int32)])
 
     def token_ids(self, texts, chunk: int = 4096) -> Iterator[list[int]]:
         """Token ids of each text, without special tokens or truncation, encoded in parallel `chunk` texts
@@ -115,7 +116,7 @@ class HFTokenizer(Transform):
 
     def encode_batch(self, texts) -> list[np.ndarray]:
         "Model inputs of many texts: special tokens added, truncated to `max_len`."
-        return [np.asarray(self._cut(ids), dtype=np.int32) for ids in self.token_ids(texts)]
+        return [self.wrap(ids) for ids in self.token_ids(texts)]
 
     def setups(self, dsets):
         "Tokenize the DataFrame behind `dsets` once and cache the ids in its `input_ids` column."
@@ -161,6 +162,7 @@ class HFTokenizer(Transform):
 def find_tokenizer(dls) -> HFTokenizer:
     "The `HFTokenizer` in the input pipeline of `dls` (DataLoaders or Datasets)."
     ds = getattr(dls, "valid_ds", dls)
+    if isinstance(getattr(ds, "tfm", None), HFTokenizer): return ds.tfm  # a view of a token store
     for tl in getattr(ds, "tls", [ds]):
         for t in getattr(getattr(tl, "tfms", None), "fs", []):
             if isinstance(t, HFTokenizer): return t

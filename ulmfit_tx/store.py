@@ -1,0 +1,269 @@
+"""Tokenized text on disk: a token store. One flat array of token ids read through `numpy.memmap`, document
+offsets, optional label ids and validation flags, and `meta.json`. Built streaming (the corpus is never held
+whole), cached by source and tokenizer, and read without loading it: MLM blocks are index arithmetic over the
+flat array, batch lengths come from the offsets."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UlmfitError, check_label_values, check_texts, valid_mask
+from .io import DOCS, atomic_dir, iter_chunks
+from .tokenize import HFTokenizer
+
+__all__ = ["FORMAT_VERSION", "TokenStore", "build_store", "tokenizer_fingerprint", "source_fingerprint", "default_cache",
+           "cached_store", "as_store", "is_store"]
+
+FORMAT_VERSION = 1
+FILES = {"ids": "ids.bin", "offsets": "offsets.bin", "labels": "labels.bin", "valid": "valid.bin"}
+
+
+def tokenizer_fingerprint(tfm: HFTokenizer) -> str:
+    "A hash of the Rust tokenizer that makes the stored ids (normalizer, pre-tokenizer, model, vocabulary)."
+    return hashlib.sha256(tfm.backend.to_str().encode()).hexdigest()[:16]
+
+
+def source_fingerprint(source) -> str:
+    """A hash of what a store is built from: a file's path, size and modification time (every file of a folder),
+    or the values of a DataFrame or list of texts."""
+    h = hashlib.sha256()
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).absolute()
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(p.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({"text": list(source)})
+        h.update(pd.util.hash_pandas_object(df.astype(str), index=False).values.tobytes())
+        h.update("\0".join(map(str, df.columns)).encode())
+    return h.hexdigest()[:16]
+
+
+def is_store(path) -> bool:
+    "Whether `path` is a token store folder."
+    p = Path(path)
+    return p.is_dir() and (p / "meta.json").exists() and (p / FILES["offsets"]).exists()
+
+
+class TokenStore:
+    """A token store opened memory-mapped: `doc(i)` gives document i's token ids (no special tokens),
+    `lengths()` its token counts, `labels`/`classes`/`is_valid` what the source had. Pickled as its path, so
+    each DataLoader worker and each process opens its own map."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not is_store(self.path): raise UlmfitError(f"{path}: not a token store (no meta.json and offsets.bin)")
+        try: self.meta = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError) as e: raise UlmfitError(f"{path}/meta.json: unreadable ({e})") from None
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise UlmfitError(f"{path}: token store format {self.meta.get('format')!r}, this ulmfit_tx reads {FORMAT_VERSION}; "
+                              "build it again")
+        self._open()
+
+    def _map(self, name: str, dtype, n: int):
+        f = self.path / FILES[name]
+        want = n * np.dtype(dtype).itemsize
+        if not f.exists() or f.stat().st_size != want:
+            raise UlmfitError(f"{f}: missing or truncated ({f.stat().st_size if f.exists() else 0} bytes, expected {want}); "
+                              "build the store again")
+        return np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+
+    def _open(self):
+        m = self.meta
+        self.ids = self._map("ids", m["dtype"], m["n_tokens"])              # (n_tokens,) every document's ids, in order
+        self.offsets = self._map("offsets", np.int64, m["n_docs"] + 1)      # (n_docs + 1,) where each document starts
+        self.labels = self._map("labels", np.int32, m["n_docs"]) if m["classes"] is not None else None
+        self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
+
+    def __len__(self) -> int: return self.meta["n_docs"]
+    def __repr__(self): return f"TokenStore({str(self.path)!r}: {len(self):,} documents, {self.meta['n_tokens']:,} tokens)"
+
+    @property
+    def classes(self) -> list | None: return self.meta["classes"]
+
+    def doc(self, i: int) -> np.ndarray:
+        "Token ids of document `i` (a view of the map)."
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self, idx=None) -> np.ndarray:
+        "Token counts of the documents `idx` (all by default), from the offsets."
+        n = np.diff(self.offsets).astype(np.int64)
+        return n if idx is None else n[idx]
+
+    def check_tokenizer(self, tfm: HFTokenizer, where: str = "the model"):
+        "Refuse a store whose ids come from another tokenizer than `tfm`'s."
+        if self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tfm):
+            raise UlmfitError(f"{self.path}: this token store was made with another tokenizer "
+                              f"({self.meta['tokenizer']['name']!r}, {self.meta['tokenizer']['vocab_size']} tokens) than "
+                              f"{where}'s; build the store with that model's tokenizer (ulmfit-tx tokenize --model ...)")
+
+    def __getstate__(self): return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+
+class _Progress:
+    "Documents tokenized and documents/s on one updating line (stderr) for builds that take more than a second."
+
+    def __init__(self, what: str, show: bool):
+        self.what, self.show, self.t0, self.last, self.n = what, show, time.time(), time.time(), 0
+
+    def update(self, n: int, final: bool = False):
+        "Count `n` more documents; the line appears once tokenizing has taken a second, then every half second."
+        self.n += n
+        now = time.time()
+        if self.show and now - self.t0 > 1 and (final or now - self.last > 0.5):
+            self.last = now
+            print(f"\r{self.what}: {self.n:,} documents, {self.n / max(now - self.t0, 1e-9):,.0f} documents/s",
+                  end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def _label_order(names: list[str]) -> list:
+    "Class names sorted as fastai's `Categorize` sorts them: as integers when every name is one."
+    try: return sorted(int(n) for n in names) if all(str(int(n)) == n for n in names) else sorted(names)
+    except ValueError: return sorted(names)
+
+
+def build_store(
+    source,                          # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame or list of texts
+    tokenizer,                       # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
+    out,                             # The store folder to write (written to a temporary folder, then renamed)
+    text_col: str = "text",          # Column with the texts
+    label_col: str | None = None,    # Column with the labels (stored as ids into the sorted class names), or None
+    valid_col: str | None = None,    # Boolean column marking validation rows, stored when the data has it
+    docs: str = "lines",             # For a plain-text corpus: a document is a line, a file, or a WikiText article
+    unk: str | None = None,          # For a plain-text corpus: write WikiText's `<unk>` as this token (the tokenizer's)
+    max_docs: int | None = None,     # Read only the first `max_docs` documents
+    chunk_rows: int = 20_000,        # Documents read and tokenized at a time
+    force: bool = False,             # Replace an existing `out`
+    progress: bool = True,           # Show documents/s while tokenizing
+) -> TokenStore:
+    """Tokenize `source` into a token store at `out`, streaming: chunks of `chunk_rows` documents are read,
+    encoded in one parallel call of the fast tokenizer and appended to the flat id file. Blank texts and
+    missing labels are refused with the rows named; nothing is left at `out` on failure."""
+    tfm = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
+    vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    if isinstance(source, (str, os.PathLike)):
+        if docs not in DOCS: raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
+        chunks, name = iter_chunks(source, text_col, label_col, valid_col, docs, chunk_rows, unk=unk), str(source)
+    else:
+        df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
+        chunks = (_df_chunk(df.iloc[i:i + chunk_rows], text_col, label_col, valid_col)
+                  for i in range(0, max(len(df), 1), chunk_rows))
+        name = f"DataFrame with {len(df):,} rows"
+    bar = _Progress(f"tokenizing {Path(name).name if isinstance(source, (str, os.PathLike)) else name}", progress)
+    classes: dict[str, int] = {}
+    n_docs = n_tokens = 0
+    has_valid = False
+    with atomic_dir(out, force) as tmp:
+        with open(tmp / FILES["ids"], "wb") as f_ids, open(tmp / FILES["offsets"], "wb") as f_off, \
+             open(tmp / FILES["labels"], "wb") as f_lab, open(tmp / FILES["valid"], "wb") as f_val:
+            f_off.write(np.zeros(1, np.int64).tobytes())
+            for chunk in chunks:
+                if max_docs is not None and n_docs >= max_docs: break
+                if max_docs is not None: chunk = chunk.iloc[:max_docs - n_docs]
+                if len(chunk) == 0: continue
+                check_texts(chunk, "text", name)
+                if label_col is not None: check_label_values(chunk, "label", name)
+                enc = tfm.backend.encode_batch_fast(chunk["text"].tolist(), add_special_tokens=False)
+                lens = np.fromiter((len(e.ids) for e in enc), np.int64, len(enc))
+                f_ids.write(np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype, int(lens.sum())).tobytes())
+                f_off.write((n_tokens + np.cumsum(lens)).tobytes())
+                if label_col is not None:
+                    f_lab.write(np.array([classes.setdefault(str(v), len(classes)) for v in chunk["label"]], np.int32).tobytes())
+                if "is_valid" in chunk:
+                    has_valid = True
+                    f_val.write(valid_mask(chunk, "is_valid").to_numpy(bool).tobytes())
+                n_docs, n_tokens = n_docs + len(chunk), n_tokens + int(lens.sum())
+                bar.update(len(chunk))
+        bar.update(0, final=True)
+        if n_docs == 0: raise UlmfitError(f"{name}: no documents (a header but no rows, or only blank lines)")
+        order = None
+        if label_col is not None:
+            order = _label_order(list(classes))
+            remap = np.array([order.index(type(order[0])(k)) for k in classes], np.int32)
+            lab = np.memmap(tmp / FILES["labels"], dtype=np.int32, mode="r+", shape=(n_docs,))
+            lab[:] = remap[lab]
+            lab.flush()
+            del lab
+        else: (tmp / FILES["labels"]).unlink()
+        if not has_valid: (tmp / FILES["valid"]).unlink()
+        meta = {"format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "n_docs": n_docs, "n_tokens": n_tokens,
+                "classes": order, "has_valid": has_valid,
+                "tokenizer": {"fingerprint": tokenizer_fingerprint(tfm), "name": tfm.tok.name_or_path, "vocab_size": len(tfm.tok)},
+                "source": {"name": name, "fingerprint": source_fingerprint(source), "text_col": text_col,
+                           "label_col": label_col, "valid_col": valid_col, "docs": docs, "unk": unk},
+                "seconds": round(time.time() - bar.t0, 3)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return TokenStore(out)
+
+
+def _df_chunk(df: pd.DataFrame, text_col: str, label_col: str | None, valid_col: str | None) -> pd.DataFrame:
+    "A slice of a DataFrame with columns `text` (and `label`, `is_valid`), as `iter_chunks` gives them."
+    from .errors import check_columns
+    check_columns(df, [text_col] + ([label_col] if label_col else []))
+    cols = {text_col: "text", **({label_col: "label"} if label_col else {}),
+            **({valid_col: "is_valid"} if valid_col and valid_col in df else {})}
+    return df[list(cols)].rename(columns=cols)
+
+
+def default_cache() -> Path:
+    "Where stores built from files are cached: `$ULMFIT_TX_CACHE`, else `~/.cache/ulmfit_tx/stores`."
+    return Path(os.environ.get("ULMFIT_TX_CACHE") or Path.home() / ".cache" / "ulmfit_tx" / "stores")
+
+
+def cached_store(source, tfm: HFTokenizer, cache=None, verbose: bool = True, **opts) -> TokenStore:
+    """The store of the file or folder `source` tokenized by `tfm` with the reading options `opts` (see
+    `build_store`), from `cache` (default `default_cache()`): reused when its source and tokenizer
+    fingerprints match (tokenization is skipped, and it says so), built or rebuilt otherwise."""
+    cache = Path(cache) if cache is not None else default_cache()
+    key = json.dumps({"source": str(Path(source).absolute()), "tokenizer": tokenizer_fingerprint(tfm), **opts}, sort_keys=True)
+    entry = cache / hashlib.sha256(key.encode()).hexdigest()[:20]
+    if is_store(entry):
+        try:
+            store = TokenStore(entry)
+            if store.meta["source"]["fingerprint"] == source_fingerprint(source):
+                if verbose: print(f"token store: {len(store):,} documents of {source} read from the cache {entry} "
+                                  "(tokenization skipped)", file=sys.stderr)
+                return store
+            if verbose: print(f"token store: {source} changed since {entry} was built; tokenizing again", file=sys.stderr)
+        except UlmfitError as e:
+            if verbose: print(f"token store: rebuilding the unusable cache entry {entry} ({e})", file=sys.stderr)
+    return build_store(source, tfm, entry, force=True, progress=verbose, **opts)
+
+
+def as_store(
+    source,                         # A `TokenStore`, a store folder, a file/folder path, a DataFrame or a list of texts
+    tfm: HFTokenizer,               # The tokenizer the ids must come from
+    cache=None,                     # Cache folder for stores built from files (None: `default_cache()`; False: a temporary store)
+    verbose: bool = True,           # Say whether the cache was used
+    **opts,                         # Reading options of `build_store` (text_col, label_col, valid_col, docs, unk)
+) -> TokenStore:
+    """`source` as a token store made with `tfm`'s tokenizer: a given store is checked, a file or folder is
+    tokenized into the cache (or found there), a DataFrame or list into a temporary store removed with it."""
+    if isinstance(source, TokenStore) or (isinstance(source, (str, os.PathLike)) and is_store(source)):
+        store = source if isinstance(source, TokenStore) else TokenStore(source)
+        store.check_tokenizer(tfm)
+        return store
+    if isinstance(source, (str, os.PathLike)) and cache is not False: return cached_store(source, tfm, cache, verbose, **opts)
+    tmp = Path(tempfile.mkdtemp(prefix="ulmfit_tx_store-"))
+    try: store = build_store(source, tfm, tmp / "store", progress=False, **opts)
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    weakref.finalize(store, shutil.rmtree, tmp, True)
+    return store
+
