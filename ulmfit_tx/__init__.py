@@ -3,12 +3,13 @@ __version__ = "0.1.0"
 
 from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, max_positions, register_arch
 from .data import HFTextBlock, PadTokens, StoreLabel, StoreText, TokenSortedDL, clas_dataloaders
+from .checkpoint import CheckpointCallback, Interrupted, Position
 from .errors import UlmfitError
 from . import encoders  # noqa: F401 (registers scratch, memxl and compressive with the Auto classes)
 from .encoders import CompressiveConfig, MemXLConfig, ScratchConfig
 from .io import iter_chunks, iter_corpus, read_corpus, read_data, read_folder, read_table
-from .learner import (LAYER_DIV, ClassifierLearner, MLMLearner, classifier_learner, fit_ulmfit, mlm_learner,
-                      set_precision, ulmfit_lrs)
+from .learner import (LAYER_DIV, ClassifierLearner, MLMLearner, Stage, classifier_learner, fit_stages, fit_ulmfit,
+                      mlm_learner, set_precision, ulmfit_lrs, ulmfit_stages)
 from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, BlockView, DocView, mask_tokens, mlm_dataloaders, mlm_loss
 from .models import MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model

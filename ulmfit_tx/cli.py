@@ -47,6 +47,12 @@ def _out_args(p):
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
+def _checkpoint_args(p):
+    p.add_argument("--checkpoint-steps", type=int, help="checkpoint every N training steps too (default: every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue this command's interrupted run from OUT.checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoint when the run finishes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ulmfit-tx", description=__doc__)
     ap.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune-lm", help="fine-tune an encoder as a masked language model on your texts")
     _data_args(p, labels=False)
     _out_args(p)
+    _checkpoint_args(p)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=_DEFAULT_LR["mlm"])
     p.add_argument("--mode", choices=["blocks", "docs", "segments"],
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_arg(p)
     p.add_argument("--arch", default="scratch", choices=["bert", "roberta", "albert", "scratch", "memxl", "compressive"])
     _out_args(p)
+    _checkpoint_args(p)
     p.add_argument("--valid", help="held-out corpus for the metrics (default: 5%% of the documents)")
     p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
                    help="what a document is: a line, a file, or a WikiText article (' = Title = ' lines)")
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-clf", help="train a classifier on top of an encoder (ULMFiT schedule by default)")
     _data_args(p)
     _out_args(p)
+    _checkpoint_args(p)
     p.add_argument("--epochs", type=int, default=1,
                    help="one-cycle: epochs of the single fit; ulmfit: epochs of the last (all layers) stage")
     p.add_argument("--lr", type=float, help="ulmfit: head learning rate of stage 1 (default 2e-3); one-cycle: 1e-4")
@@ -135,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_NOT_SETTINGS = ("resume", "keep_checkpoints", "force", "debug", "cache", "checkpoint_steps", "command")
+
+
+def _checkpoint(a):
+    """The run's `CheckpointCallback` in OUT.checkpoint, loaded with --resume (and checked against this command's
+    settings); an interrupted run's checkpoint is never silently overwritten."""
+    from .checkpoint import CKPT, CheckpointCallback
+    from .errors import UlmfitError
+    folder = Path(str(a.out).rstrip("/") + ".checkpoint")
+    if not a.resume and (folder / CKPT).exists():
+        raise UlmfitError(f"{folder}: an interrupted run's checkpoint is there; pass --resume to continue it, "
+                          "or delete it to start again")
+    settings = {k: v for k, v in vars(a).items() if k not in _NOT_SETTINGS}
+    return CheckpointCallback(folder, a.checkpoint_steps, settings, resume=a.resume)
+
+
 def _quiet_libraries(debug: bool):
     "Keep transformers' load reports out of the console unless --debug."
     import transformers
@@ -155,7 +180,7 @@ def _seed(seed: int):
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
     from .io import check_out_dir
-    from .learner import mlm_learner
+    from .learner import Stage, fit_stages, mlm_learner
     from .mlm import mlm_dataloaders
     from .models import load_config
     from .plots import LossHistory
@@ -163,6 +188,7 @@ def finetune_lm(a):
     from .tokenize import HFTokenizer
     _check_args(a)
     check_out_dir(a.out, a.force)
+    ckpt = _checkpoint(a)
     _seed(a.seed)
     config, tfm = load_config(a.model), HFTokenizer(a.model)
     opts = dict(text_col=a.text_col, docs=a.docs, unk=tfm.tok.unk_token)
@@ -174,14 +200,15 @@ def finetune_lm(a):
     dls = mlm_dataloaders(store, tfm.tok, a.text_col, max_len, mode, a.valid_pct, valid, bs=a.bs, seed=a.seed,
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
-    learn = mlm_learner(dls, a.model, precision=a.precision, cbs=hist)
+    learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
     t0 = time.time()
-    learn.fit_one_cycle(a.epochs, a.lr)
+    fit_stages(learn, [Stage(None, a.epochs, a.lr)])
     train_time = time.time() - t0
     loss, acc, ppl = learn.validate()
     metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), train_time_s=train_time)
     _save_mlm(learn, hist, metrics, a)
+    if not a.keep_checkpoints: ckpt.remove()
     print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics
 
@@ -205,13 +232,15 @@ def pretrain(a):
     from .pretrain import pretrain_learner
     _check_args(a)
     check_out_dir(a.out, a.force)
+    ckpt = _checkpoint(a)
     _seed(a.seed)
     texts = list(itertools.islice(iter_corpus(a.corpus, a.docs, a.text_col), a.max_docs)) if a.max_docs else a.corpus
     hist = LossHistory()
     learn = pretrain_learner(texts, a.arch, a.valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
-                             a.dropout, docs=a.docs, text_col=a.text_col, cache=a.cache, precision=a.precision, cbs=hist)
+                             a.dropout, docs=a.docs, text_col=a.text_col, cache=a.cache, precision=a.precision,
+                             cbs=[hist, ckpt])
     t0 = time.time()
-    learn.fit_one_cycle(a.epochs, a.lr)
+    fit_stages(learn, [Stage(None, a.epochs, a.lr)])
     train_time = time.time() - t0
     loss, acc, ppl = learn.validate()
     n_params = sum(p.numel() for p in learn.model.parameters())
@@ -220,6 +249,7 @@ def pretrain(a):
                    n_train_items=len(learn.dls.train_ds), n_valid_items=len(learn.dls.valid_ds),
                    train_time_s=train_time)
     _save_mlm(learn, hist, metrics, a)
+    if not a.keep_checkpoints: ckpt.remove()
     print(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
           f"masked-token accuracy {acc:.4f}, {train_time:.0f}s -> {a.out}")
     return metrics
@@ -228,26 +258,23 @@ def pretrain(a):
 def train_clf(a):
     from .data import clas_dataloaders
     from .io import atomic_dir, check_out_dir
-    from .learner import LAYER_DIV, classifier_learner, fit_ulmfit
+    from .learner import LAYER_DIV, Stage, classifier_learner, fit_stages, ulmfit_stages
     from .plots import LossHistory, plot_confusion, plot_losses
     _check_args(a)
     check_out_dir(a.out, a.force)
+    ckpt = _checkpoint(a)
     _seed(a.seed)
     a.max_len = a.max_len or _clf_max_len(a.model)
     dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
                            truncate=a.truncate, bs=a.bs, cache=a.cache)
     hist = LossHistory()
-    learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=hist)
+    learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=[hist, ckpt])
     lr = a.lr or _DEFAULT_LR[a.schedule]
     div = (LAYER_DIV if a.div is None else a.div) if a.schedule == "ulmfit" else None  # ulmfit_lrs checks it
+    stages = ulmfit_stages(lr, (1, 1, 1, a.epochs), div=div) if a.schedule == "ulmfit" else [Stage(None, a.epochs, lr)]
+    epochs = [st.epochs for st in stages]
     t0 = time.time()
-    if a.schedule == "ulmfit":
-        epochs = (1, 1, 1, a.epochs)
-        fit_ulmfit(learn, lr, epochs, div=div)
-    else:
-        epochs = (a.epochs,)
-        learn.unfreeze()
-        learn.fit_one_cycle(a.epochs, lr)
+    fit_stages(learn, stages)
     train_time = time.time() - t0
     t0 = time.time()
     valid_loss, acc = learn.validate()
@@ -266,6 +293,7 @@ def train_clf(a):
         if a.head == "native":
             learn.model.hf.save_pretrained(tmp / "hf")
             learn.tokenizer.tok.save_pretrained(tmp / "hf")
+    if not a.keep_checkpoints: ckpt.remove()
     print(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
           f"{sum(epochs)} passes in {train_time:.0f}s -> {a.out}")
     return metrics
@@ -387,8 +415,10 @@ def main(argv=None) -> int:
         if a.debug: raise
         print(f"ulmfit-tx {a.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from .checkpoint import Interrupted
+        print(f"ulmfit-tx {a.command}: interrupted" + (f" ({e}); rerun the same command with --resume to continue"
+                                                       if isinstance(e, Interrupted) else ""), file=sys.stderr)
         return 130
     return 0
 

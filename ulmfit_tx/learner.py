@@ -2,6 +2,7 @@
 (stage 3) and the gradual-unfreezing schedule with discriminative learning rates."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
@@ -14,6 +15,7 @@ from fastai.torch_core import norm_types
 from fastcore.foundation import L
 from torch import nn
 
+from .checkpoint import CheckpointCallback, Position
 from .archs import clas_splitter, lm_splitter, max_positions
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError, check_max_len
@@ -25,7 +27,8 @@ from .optimizer import ForeachAdamW
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
-           "ClassifierLearner", "mlm_learner", "classifier_learner", "ulmfit_lrs", "fit_ulmfit"]
+           "ClassifierLearner", "mlm_learner", "classifier_learner", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
+           "fit_ulmfit"]
 
 
 def default_precision() -> str:
@@ -175,6 +178,45 @@ def ulmfit_lrs(learn: Learner, lr: float, div: float = LAYER_DIV) -> np.ndarray:
     return lr / div ** np.arange(n - 1, -1, -1)
 
 
+@dataclass(frozen=True)
+class Stage:
+    "One `fit_one_cycle` of a schedule: how many groups train (None: all), epochs, rate, discriminative factor."
+    depth: int | None      # Parameter groups trained, counted from the top (`freeze_to(-depth)`); None: `unfreeze()`
+    epochs: int            # Epochs of this stage's one-cycle schedule
+    lr: float              # Learning rate (of the last group when `div` is set)
+    div: float | None = None  # Discriminative factor between groups (`ulmfit_lrs`); None: one rate for every group
+
+
+def ulmfit_stages(lr: float = 2e-3, epochs=(1, 1, 1, 2), depths=(1, 2, 3, None), div: float = LAYER_DIV,
+                  stage_div: float = 2.0) -> list[Stage]:
+    "ULMFiT's gradual unfreezing as stages: depths from the top, each stage's rate the previous one's / `stage_div`."
+    epochs = [epochs] * len(depths) if isinstance(epochs, int) else list(epochs)
+    if len(epochs) != len(depths): raise UlmfitError(f"{len(epochs)} epoch counts for {len(depths)} stages")
+    return [Stage(n, e, lr / stage_div ** i, div) for i, (n, e) in enumerate(zip(depths, epochs))]
+
+
+def fit_stages(learn: Learner, stages: list[Stage], **kwargs) -> Learner:
+    """Run `stages` one after the other (freeze to the stage's depth, then `fit_one_cycle`). With a
+    `CheckpointCallback` that loaded a checkpoint (`resume=True`), the stages already done are skipped and the
+    interrupted one continues from its epoch and step with the saved weights, optimizer and random states."""
+    ckpt = next((cb for cb in learn.cbs if isinstance(cb, CheckpointCallback)), None)
+    start = ckpt.position if ckpt is not None and ckpt.loaded is not None else Position()
+    for i, st in enumerate(stages):
+        if i < start.stage: continue
+        if st.depth is None: learn.unfreeze()
+        else: learn.freeze_to(-st.depth)
+        if ckpt is not None:
+            ckpt.stage = i
+            if i == start.stage and ckpt.loaded is not None: ckpt.restore(learn)
+        lr = st.lr if st.div is None else ulmfit_lrs(learn, st.lr, st.div)
+        learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, **kwargs)
+    if ckpt is not None and ckpt.loaded is not None:                      # the checkpoint was taken after the last stage
+        learn.unfreeze() if stages[-1].depth is None else learn.freeze_to(-stages[-1].depth)
+        ckpt.restore(learn)
+        ckpt.loaded = None
+    return learn
+
+
 def fit_ulmfit(
     learn: Learner,
     lr: float = 2e-3,              # Learning rate of the last group in the first stage
@@ -186,11 +228,5 @@ def fit_ulmfit(
 ) -> Learner:
     """ULMFiT's gradual unfreezing: train the last group, then the last two, then three, then all,
     each with `fit_one_cycle` and discriminative learning rates. The same as running, per stage,
-    `learn.freeze_to(-n); learn.fit_one_cycle(e, ulmfit_lrs(learn, lr))`."""
-    epochs = [epochs] * len(depths) if isinstance(epochs, int) else list(epochs)
-    if len(epochs) != len(depths): raise UlmfitError(f"{len(epochs)} epoch counts for {len(depths)} stages")
-    for i, (n, e) in enumerate(zip(depths, epochs)):
-        if n is None: learn.unfreeze()
-        else: learn.freeze_to(-n)
-        learn.fit_one_cycle(e, ulmfit_lrs(learn, lr / stage_div ** i, div), **kwargs)
-    return learn
+    `learn.freeze_to(-n); learn.fit_one_cycle(e, ulmfit_lrs(learn, lr))`. Resumable with a `CheckpointCallback`."""
+    return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)

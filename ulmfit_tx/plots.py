@@ -24,6 +24,9 @@ class LossHistory(Callback):
 
     def before_fit(self): self.trained = False  # until this fit's first training batch
 
+    def checkpoint_state(self) -> dict: return {k: getattr(self, k) for k in ("train", "valid", "epochs", "stages")}
+    def restore_state(self, state: dict): self.__dict__.update({k: list(v) for k, v in state.items()})
+
     def after_batch(self):
         if not self.training: return
         if not self.trained: self.stages.append(len(self.train)); self.trained = True

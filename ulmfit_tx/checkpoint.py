@@ -1,0 +1,189 @@
+"""Checkpoints and resume: a Callback that writes, atomically, the weights, the optimizer state, the ULMFiT stage,
+epoch and step, the random states and the data order (the states the epoch's shuffle started from), every epoch
+or every N steps, and on SIGTERM or SIGINT. With it, `fit_stages` (and so `fit_ulmfit`) continues an interrupted
+run from the same stage and schedule position, on the same batches, as if it had never stopped."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastcore.foundation import L
+
+from .errors import UlmfitError
+from .io import atomic_file
+
+__all__ = ["Position", "CheckpointCallback", "Interrupted", "rng_states", "set_rng_states"]
+
+CKPT, STATE = "checkpoint.pt", "state.json"
+
+
+class Interrupted(KeyboardInterrupt):
+    "SIGTERM or SIGINT arrived: a checkpoint was written and training stopped."
+
+
+@dataclass(frozen=True)
+class Position:
+    "Where a run stands: ULMFiT stage, epoch within the stage, training step within the epoch."
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0
+
+
+def rng_states(dl=None) -> dict:
+    "The random states training reads: torch (CPU and CUDA), numpy's and Python's global ones, and `dl`'s own."
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "dl": dl.rng.getstate() if dl is not None and hasattr(dl, "rng") else None}
+
+
+def set_rng_states(s: dict, dl=None):
+    "Put back what `rng_states` returned."
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    random.setstate(s["python"])
+    if dl is not None and s["dl"] is not None: dl.rng.setstate(s["dl"])
+
+
+class _SkipBatches:
+    """The training DataLoader of a resumed epoch: the same batches (same shuffle), the first `n` drawn but not
+    returned, then `after_skip` (the random states of the checkpoint) before the next is made. Its length is the
+    whole epoch's, so fastai's schedule position (`pct_train`) stays as in the interrupted run."""
+
+    def __init__(self, dl, n: int, after_skip):
+        self.dl, self.n, self.after_skip = dl, n, after_skip
+
+    def __len__(self): return len(self.dl)
+    def __getattr__(self, name): return getattr(self.dl, name)
+
+    def __iter__(self):
+        it = iter(self.dl)
+        for _ in range(self.n): next(it)
+        self.after_skip()
+        yield from it
+
+
+def _to_plain(o):
+    "Optimizer and callback states with numpy scalars and arrays made plain, so `torch.load(weights_only=True)` reads them."
+    if isinstance(o, dict): return {k: _to_plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return type(o)(_to_plain(v) for v in o)
+    if isinstance(o, L): return [_to_plain(v) for v in o]
+    if isinstance(o, np.ndarray): return torch.from_numpy(o)
+    if isinstance(o, np.generic): return o.item()
+    return o
+
+
+class CheckpointCallback(Callback):
+    """Writes `folder/checkpoint.pt` (torch.save of tensors and plain values, read back with `weights_only=True`) and
+    `folder/state.json` after every epoch, every `every_steps` training steps, and when SIGTERM/SIGINT arrive (then
+    raises `Interrupted`). With `resume=True` it loads the folder's checkpoint, checked against `settings`, and
+    `fit_stages` continues from it. Callbacks with `checkpoint_state()`/`restore_state(s)` (e.g. `LossHistory`) are
+    saved and restored with it. Only the process of rank 0 writes."""
+    order = 100  # after the step, the scheduler and the recorder
+
+    def __init__(self,
+        folder,                         # Where the checkpoint lives (e.g. the output folder + ".checkpoint")
+        every_steps: int | None = None, # Also write every this many training steps (None: every epoch only)
+        settings: dict | None = None,   # What the run was started with: a checkpoint of other settings is refused
+        resume: bool = False,           # Load the folder's checkpoint to continue from it
+    ):
+        if every_steps is not None and every_steps < 1: raise UlmfitError(f"checkpoint steps must be positive, not {every_steps}")
+        self.folder, self.every_steps, self.settings = Path(folder), every_steps, settings or {}
+        self.stage, self.saved = 0, None
+        self.loaded = self._load() if resume else None
+        self.position = Position(**self.loaded["position"]) if self.loaded else Position()
+
+    def _load(self) -> dict:
+        path = self.folder / CKPT
+        if not path.exists(): raise UlmfitError(f"{self.folder}: no checkpoint to resume from (run without --resume)")
+        try: ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UlmfitError(f"{path}: unreadable checkpoint, perhaps truncated ({type(e).__name__}); "
+                              "delete it to start again") from None
+        diff = sorted(k for k in set(ck["settings"]) | set(self.settings) if ck["settings"].get(k) != self.settings.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {ck['settings'].get(k)!r} then, {self.settings.get(k)!r} now" for k in diff[:4])
+            raise UlmfitError(f"{path}: the checkpoint is of a run with other settings ({shown}); "
+                              "resume with the same settings, or delete it to start again")
+        return ck
+
+    def restore(self, learn):
+        "Load the checkpoint's weights, optimizer state and callback states into `learn` (its optimizer exists)."
+        ck = self.loaded
+        learn.model.load_state_dict(ck["model"])
+        if learn.opt is None: learn.create_opt()
+        learn.opt.load_state_dict({"state": ck["opt"]["state"], "hypers": L(ck["opt"]["hypers"])})
+        for cb in learn.cbs:
+            if hasattr(cb, "restore_state") and type(cb).__name__ in ck["callbacks"]: cb.restore_state(ck["callbacks"][type(cb).__name__])
+
+    # --- events ---------------------------------------------------------------------------------------------------
+    def before_fit(self):
+        self.interrupt = None
+        self.handlers = {}
+        if self._main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.handlers[sig] = signal.signal(sig, lambda s, f: setattr(self, "interrupt", s))
+
+    def before_train(self):
+        self.step = 0
+        pos = self.position
+        resuming = self.loaded is not None and (self.stage, self.epoch) == (pos.stage, pos.epoch)
+        if resuming: set_rng_states(self.loaded["start_rng"], self.dl)
+        self.start_rng = rng_states(self.dl)                              # the data order of this epoch
+        if resuming and pos.step:
+            self.step = pos.step
+            self.learn.train_iter += pos.step
+            self.learn.pct_train += pos.step / (len(self.dl) * self.n_epoch)
+            rng, train_dl = self.loaded["rng"], self.dls.train
+            self.learn.dl = _SkipBatches(self.dl, pos.step, lambda: set_rng_states(rng, train_dl))
+        elif resuming: set_rng_states(self.loaded["rng"], self.dl)
+        if resuming: self.loaded = None                                   # the rest of the run goes on from here
+
+    def after_batch(self):
+        if not self.training: return
+        self.step += 1
+        if self.interrupt is not None:
+            self.save(Position(self.stage, self.epoch, self.step))
+            raise Interrupted(f"signal {self.interrupt}: checkpoint written to {self.folder}")
+        if self.every_steps and self.step % self.every_steps == 0 and self.step < len(self.dl):
+            self.save(Position(self.stage, self.epoch, self.step))
+
+    def after_epoch(self):
+        done = self.epoch + 1 == self.n_epoch
+        self.save(Position(self.stage + 1, 0, 0) if done else Position(self.stage, self.epoch + 1, 0), epoch_end=True)
+
+    def after_fit(self):
+        for sig, h in self.handlers.items(): signal.signal(sig, h)
+        self.handlers = {}
+
+    # --- writing --------------------------------------------------------------------------------------------------
+    def _main_thread(self) -> bool:
+        import threading
+        return threading.current_thread() is threading.main_thread()
+
+    def save(self, pos: Position, epoch_end: bool = False):
+        "Write the checkpoint for `pos` atomically (rank 0 only; the other ranks hold the same weights)."
+        from .distributed import is_rank0
+        self.saved = pos
+        if not is_rank0(): return
+        now = rng_states(self.dls.train)
+        ck = {"position": pos.__dict__, "settings": self.settings, "model": self.learn.model.state_dict(),
+              "opt": _to_plain(self.learn.opt.state_dict()), "rng": now, "start_rng": now if epoch_end else self.start_rng,
+              "callbacks": {type(cb).__name__: _to_plain(cb.checkpoint_state()) for cb in self.learn.cbs
+                            if hasattr(cb, "checkpoint_state")}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.folder / CKPT) as tmp: torch.save(ck, tmp)
+        with atomic_file(self.folder / STATE) as tmp: tmp.write_text(json.dumps({"position": pos.__dict__}) + "\n")
+
+    def remove(self):
+        "Delete the checkpoint folder (a finished run's, unless the user keeps it)."
+        from .distributed import is_rank0
+        if is_rank0(): shutil.rmtree(self.folder, ignore_errors=True)
