@@ -126,14 +126,14 @@ class CheckpointCallback(Callback):
 
     # --- events ---------------------------------------------------------------------------------------------------
     def before_fit(self):
-        self.interrupt = None
+        self.interrupt, self.trained = None, False  # `learn.validate()` runs the fit events too: nothing to save then
         self.handlers = {}
         if self._main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.handlers[sig] = signal.signal(sig, lambda s, f: setattr(self, "interrupt", s))
 
     def before_train(self):
-        self.step = 0
+        self.step, self.trained = 0, True
         pos = self.position
         resuming = self.loaded is not None and (self.stage, self.epoch) == (pos.stage, pos.epoch)
         if resuming: set_rng_states(self.loaded["start_rng"], self.dl)
@@ -157,6 +157,7 @@ class CheckpointCallback(Callback):
             self.save(Position(self.stage, self.epoch, self.step))
 
     def after_epoch(self):
+        if not self.trained: return
         done = self.epoch + 1 == self.n_epoch
         self.save(Position(self.stage + 1, 0, 0) if done else Position(self.stage, self.epoch + 1, 0), epoch_end=True)
 
@@ -175,7 +176,8 @@ class CheckpointCallback(Callback):
         self.saved = pos
         if not is_rank0(): return
         now = rng_states(self.dls.train)
-        ck = {"position": pos.__dict__, "settings": self.settings, "model": self.learn.model.state_dict(),
+        model = getattr(self.learn.model, "module", self.learn.model)    # inside DistributedDataParallel
+        ck = {"position": pos.__dict__, "settings": self.settings, "model": model.state_dict(),
               "opt": _to_plain(self.learn.opt.state_dict()), "rng": now, "start_rng": now if epoch_end else self.start_rng,
               "callbacks": {type(cb).__name__: _to_plain(cb.checkpoint_state()) for cb in self.learn.cbs
                             if hasattr(cb, "checkpoint_state")}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
+from contextlib import nullcontext
 import json
 import os
 import sys
@@ -154,10 +156,27 @@ def _checkpoint(a):
     from .errors import UlmfitError
     folder = Path(str(a.out).rstrip("/") + ".checkpoint")
     if not a.resume and (folder / CKPT).exists():
-        raise UlmfitError(f"{folder}: an interrupted run's checkpoint is there; pass --resume to continue it, "
-                          "or delete it to start again")
+        if not a.force:
+            raise UlmfitError(f"{folder}: an interrupted run's checkpoint is there; pass --resume to continue it, "
+                              "--force to start again without it, or delete it")
+        shutil.rmtree(folder)
     settings = {k: v for k, v in vars(a).items() if k not in _NOT_SETTINGS}
     return CheckpointCallback(folder, a.checkpoint_steps, settings, resume=a.resume)
+
+
+def _train(learn, stages) -> tuple[list, float, float]:
+    """`fit_stages` then `validate`: in one process, or, under a distributed launcher (torchrun), on every process
+    with fastai's `distrib_ctx` (the data sharded by batches, the validation metrics over all ranks' rows).
+    Returns the validation values and the seconds of training and of validation."""
+    from fastai.torch_core import num_distrib
+
+    from .learner import fit_stages
+    with (learn.distrib_ctx() if num_distrib() > 1 else nullcontext()):
+        t0 = time.time()
+        fit_stages(learn, stages)
+        t1 = time.time()
+        values = learn.validate()
+    return values, t1 - t0, time.time() - t1
 
 
 def _quiet_libraries(debug: bool):
@@ -166,6 +185,12 @@ def _quiet_libraries(debug: bool):
     if not debug: transformers.logging.set_verbosity_error()
     try: transformers.utils.logging.disable_progress_bar()
     except AttributeError: pass
+
+
+def _say(msg: str):
+    "Print on the process of rank 0 only (the only one in a single-process run)."
+    from .distributed import is_rank0
+    if is_rank0(): print(msg)
 
 
 def _write_json(path, obj):
@@ -180,7 +205,7 @@ def _seed(seed: int):
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
     from .io import check_out_dir
-    from .learner import Stage, fit_stages, mlm_learner
+    from .learner import Stage, mlm_learner
     from .mlm import mlm_dataloaders
     from .models import load_config
     from .plots import LossHistory
@@ -201,15 +226,12 @@ def finetune_lm(a):
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
-    t0 = time.time()
-    fit_stages(learn, [Stage(None, a.epochs, a.lr)])
-    train_time = time.time() - t0
-    loss, acc, ppl = learn.validate()
+    (loss, acc, ppl), train_time, _ = _train(learn, [Stage(None, a.epochs, a.lr)])
     metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), train_time_s=train_time)
     _save_mlm(learn, hist, metrics, a)
     if not a.keep_checkpoints: ckpt.remove()
-    print(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
+    _say(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics
 
 
@@ -218,7 +240,9 @@ def _save_mlm(learn, hist, metrics: dict, a):
     from .io import atomic_dir
     from .plots import plot_losses
     metrics["per_epoch"] = hist.epochs
-    with atomic_dir(a.out, a.force) as tmp:
+    from .distributed import rank0_only
+    with rank0_only() as main, (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
+        if not main: return
         learn.model.hf.save_pretrained(tmp)
         learn.tokenizer.tok.save_pretrained(tmp)
         _write_json(tmp / "metrics.json", metrics)
@@ -226,9 +250,9 @@ def _save_mlm(learn, hist, metrics: dict, a):
 
 
 def pretrain(a):
-    from .io import check_out_dir
+    from .io import check_out_dir, iter_corpus
+    from .learner import Stage
     from .plots import LossHistory
-    from .io import iter_corpus
     from .pretrain import pretrain_learner
     _check_args(a)
     check_out_dir(a.out, a.force)
@@ -239,10 +263,7 @@ def pretrain(a):
     learn = pretrain_learner(texts, a.arch, a.valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
                              a.dropout, docs=a.docs, text_col=a.text_col, cache=a.cache, precision=a.precision,
                              cbs=[hist, ckpt])
-    t0 = time.time()
-    fit_stages(learn, [Stage(None, a.epochs, a.lr)])
-    train_time = time.time() - t0
-    loss, acc, ppl = learn.validate()
+    (loss, acc, ppl), train_time, _ = _train(learn, [Stage(None, a.epochs, a.lr)])
     n_params = sum(p.numel() for p in learn.model.parameters())
     metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, dropout=a.dropout,
                    max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params,
@@ -250,7 +271,7 @@ def pretrain(a):
                    train_time_s=train_time)
     _save_mlm(learn, hist, metrics, a)
     if not a.keep_checkpoints: ckpt.remove()
-    print(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
+    _say(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
           f"masked-token accuracy {acc:.4f}, {train_time:.0f}s -> {a.out}")
     return metrics
 
@@ -258,7 +279,9 @@ def pretrain(a):
 def train_clf(a):
     from .data import clas_dataloaders
     from .io import atomic_dir, check_out_dir
-    from .learner import LAYER_DIV, Stage, classifier_learner, fit_stages, ulmfit_stages
+    from fastai.torch_core import num_distrib
+
+    from .learner import LAYER_DIV, Stage, classifier_learner, ulmfit_stages
     from .plots import LossHistory, plot_confusion, plot_losses
     _check_args(a)
     check_out_dir(a.out, a.force)
@@ -273,18 +296,15 @@ def train_clf(a):
     div = (LAYER_DIV if a.div is None else a.div) if a.schedule == "ulmfit" else None  # ulmfit_lrs checks it
     stages = ulmfit_stages(lr, (1, 1, 1, a.epochs), div=div) if a.schedule == "ulmfit" else [Stage(None, a.epochs, lr)]
     epochs = [st.epochs for st in stages]
-    t0 = time.time()
-    fit_stages(learn, stages)
-    train_time = time.time() - t0
-    t0 = time.time()
-    valid_loss, acc = learn.validate()
-    valid_time = time.time() - t0
+    (valid_loss, acc), train_time, valid_time = _train(learn, stages)
     metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
                    passes=sum(epochs), lr=lr, div=div, head=a.head, max_len=a.max_len, bs=a.bs,
                    n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab],
-                   train_time_s=train_time, valid_time_s=valid_time,
+                   train_time_s=train_time, valid_time_s=valid_time, processes=max(1, num_distrib()),
                    train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
-    with atomic_dir(a.out, a.force) as tmp:
+    from .distributed import rank0_only
+    with rank0_only() as main, (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
+        if not main: return metrics
         learn.path = tmp
         learn.export("export.pkl")
         _write_json(tmp / "metrics.json", metrics)
@@ -294,7 +314,7 @@ def train_clf(a):
             learn.model.hf.save_pretrained(tmp / "hf")
             learn.tokenizer.tok.save_pretrained(tmp / "hf")
     if not a.keep_checkpoints: ckpt.remove()
-    print(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
+    _say(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
           f"{sum(epochs)} passes in {train_time:.0f}s -> {a.out}")
     return metrics
 
@@ -356,8 +376,11 @@ def tokenize_cmd(a):
 
 
 def _check_args(a):
-    "Refuse numeric options out of range and data paths that do not exist, before any work starts."
+    """Refuse numeric options out of range and data paths that do not exist, before any work starts; join the process
+    group when a distributed launcher started this process."""
+    from .distributed import init_distributed
     from .errors import UlmfitError, check_positive
+    init_distributed()
     for name in ("data", "corpus", "valid"):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")

@@ -119,7 +119,8 @@ def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pc
 
 def random_split(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     "Sorted training and validation indices of `n` items, `int(valid_pct * n)` (at least 1) held out at random."
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)      # 4 bytes a document for corpora of millions
+    np.random.default_rng(seed).shuffle(perm)
     cut = max(1, int(valid_pct * n))
     return np.sort(perm[cut:]), np.sort(perm[:cut])
 

@@ -15,8 +15,9 @@ from fastai.torch_core import norm_types
 from fastcore.foundation import L
 from torch import nn
 
-from .checkpoint import CheckpointCallback, Position
 from .archs import clas_splitter, lm_splitter, max_positions
+from .checkpoint import CheckpointCallback, Position
+from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError, check_max_len
 from .io import atomic_dir
@@ -62,6 +63,21 @@ class HFLearner(Learner):
 
     @property
     def tokenizer(self) -> HFTokenizer: return find_tokenizer(self.dls)
+
+    def to_distributed(self, sync_bn: bool = True, **kwargs):
+        "fastai's `to_distributed` (used by `learn.distrib_ctx()`) with `ShardedTrainer`: see `ulmfit_tx.distributed`."
+        from fastai.callback.progress import ProgressCallback
+        self.add_cb(ShardedTrainer(sync_bn))
+        if not is_rank0(): self.remove_cb(ProgressCallback)
+        return self
+
+    def detach_distributed(self):
+        "Remove `ShardedTrainer` (fastai's `detach_distributed` looks for its own trainer class only)."
+        from fastai.callback.progress import ProgressCallback
+        if not self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer)): return self
+        self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer)))
+        if not is_rank0() and not hasattr(self, "progress"): self.add_cb(ProgressCallback())
+        return self
 
     def save_pretrained(self, path, force: bool = False) -> Path:
         "Write the model and tokenizer as a Hugging Face folder (safetensors), atomically."

@@ -8,7 +8,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
 from fastai.text.data import TensorText
-from fastai.torch_core import TensorBase
+from fastai.torch_core import TensorBase, to_detach
 
 from .data import cached_lengths
 
@@ -34,20 +34,24 @@ class SegmentDL(TfmdDL):
         pad_id: int = 0,         # Padding id
         bs: int = 16,            # Rows (at most the number of documents)
         seed: int = 0,           # Seed of the assignment of documents to rows
+        rows: list | None = None,  # The documents of each row (default: balanced here); given by `shard`
+        steps: int | None = None,  # Batches per epoch (default: the longest row's chunks)
         **kwargs,                # Passed to `TfmdDL`
     ):
         lens = cached_lengths(dataset)  # read from the ids computed once, not by running the pipeline per item
         if lens is None: lens = [len(dataset[i][0]) for i in range(len(dataset))]
-        bs = max(1, min(bs, len(lens)))
         self.chunk_len, self.pad_id, self.seed = chunk_len, pad_id, seed
-        self.chunks = [-(-n // chunk_len) for n in lens]                 # chunks of each document
-        order = np.random.default_rng(seed).permutation(len(lens))
-        self.rows, loads = [[] for _ in range(bs)], np.zeros(bs, dtype=int)
-        for d in sorted(order, key=lambda d: -self.chunks[d]):           # longest first onto the lightest row
-            r = int(loads.argmin())
-            self.rows[r].append(int(d))
-            loads[r] += self.chunks[d]
-        self.steps = int(loads.max()) if len(lens) else 0
+        self.chunks = [-(-int(n) // chunk_len) for n in lens]            # chunks of each document
+        if rows is None:
+            bs = max(1, min(bs, len(lens)))
+            order = np.random.default_rng(seed).permutation(len(lens))
+            rows, loads = [[] for _ in range(bs)], np.zeros(bs, dtype=int)
+            for d in sorted(order, key=lambda d: -self.chunks[d]):       # longest first onto the lightest row
+                r = int(loads.argmin())
+                rows[r].append(int(d))
+                loads[r] += self.chunks[d]
+        self.rows, bs = [list(r) for r in rows], len(rows)
+        self.steps = steps if steps is not None else max((sum(self.chunks[d] for d in r) for r in self.rows), default=0)
         super().__init__(dataset, bs=bs, n=self.steps * bs, **kwargs)
         self.plan()
 
@@ -66,6 +70,16 @@ class SegmentDL(TfmdDL):
     def new(self, dataset=None, cls=None, **kwargs):
         kwargs = {"chunk_len": self.chunk_len, "pad_id": self.pad_id, "seed": self.seed, **kwargs}
         return super().new(dataset=dataset, cls=cls, **kwargs)
+
+    def shard(self, rank: int, world: int) -> "SegmentDL":
+        """This DataLoader's part for process `rank` of `world`: rows rank, rank + world, ... (a document stays on one
+        rank, read in order), with as many steps as the whole (the ranks step together)."""
+        if len(self.rows) < world:
+            raise ValueError(f"{len(self.rows)} batch rows cannot be shared by {world} processes: raise --bs")
+        dl = self.new(rows=self.rows[rank::world], steps=self.steps, bs=len(self.rows[rank::world]))
+        dl.sharded = True
+        dl.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)  # `ShardedTrainer` syncs metrics
+        return dl
 
     def create_item(self, s):
         step, row = divmod(s or 0, self.bs)  # fastai asks for item None to learn the types
@@ -86,8 +100,11 @@ class MemoryCallback(Callback):
     carried, detached, by the model between batches. Adds the model's auxiliary loss (Compressive Transformer) to the training loss."""
     order = -5  # before the mixed-precision callbacks, which read the loss
 
+    @property
+    def _model(self): return getattr(self.learn.model, "module", self.learn.model)  # inside DistributedDataParallel
+
     def _reset(self):
-        if hasattr(self.learn.model, "reset"): self.learn.model.reset()
+        if hasattr(self._model, "reset"): self._model.reset()
 
     def before_fit(self): self._reset()
     def before_train(self): self._reset()
@@ -98,8 +115,8 @@ class MemoryCallback(Callback):
         if not getattr(self.dl, "has_resets", False): return self._reset()  # unrelated batches: start afresh
         *xb, starts = self.learn.xb
         self.learn.xb = tuple(xb)
-        if hasattr(self.learn.model, "reset"): self.learn.model.reset(starts.bool())
+        if hasattr(self._model, "reset"): self._model.reset(starts.bool())
 
     def after_loss(self):
-        aux = getattr(self.learn.model, "aux_loss", None)
+        aux = getattr(self._model, "aux_loss", None)
         if self.training and aux is not None: self.learn.loss_grad = self.learn.loss_grad + aux

@@ -3,6 +3,7 @@ dynamic masking vectorised over the batch, masked-token accuracy and perplexity,
 from __future__ import annotations
 
 import math
+import zlib
 from functools import partial
 
 import numpy as np
@@ -19,7 +20,7 @@ from .memory import SegmentDL
 from .store import TokenStore, as_store
 from .tokenize import HFTokenizer, word_start_table
 
-__all__ = ["DocView", "BlockView", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
+__all__ = ["DocView", "BlockView", "BlockDL", "mask_tokens", "MaskTokens", "mlm_dataloaders", "mlm_loss", "MaskedAccuracy",
            "MaskedPerplexity", "fill_mask"]
 
 
@@ -59,13 +60,22 @@ class BlockView:
         idx,                 # Indices of its documents, in reading order
         tfm: HFTokenizer,    # The tokenizer transform (block length, special tokens, decoding)
     ):
-        self.store, self.idx, self.tfm = store, np.asarray(idx, dtype=np.int64), tfm
+        self.store, self.idx, self.tfm = store, np.asarray(idx), tfm
         tok = tfm.tok
         self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         self.body = tfm.max_len - len(tfm.prefix) - len(tfm.suffix)         # tokens of the corpus per block
-        self.ends = np.cumsum(store.lengths(self.idx) + (self.sep is not None))  # (n_docs,) end of each document + separator
+        self.ends = self._ends()                                             # (n_docs,) end of each document + separator
         self.n = int(self.ends[-1]) // self.body if len(self.ends) else 0
         self.wrap = (np.asarray(tfm.prefix, np.int32), np.asarray(tfm.suffix, np.int32))
+
+    def _ends(self, chunk: int = 2**20) -> np.ndarray:
+        "Cumulative lengths (separators included), a million documents at a time: 4 bytes a document when they fit."
+        total = self.store.meta["n_tokens"] + len(self.store)              # at least the last end
+        ends, done = np.empty(len(self.idx), np.uint32 if total < 2**32 else np.int64), 0
+        for i in range(0, len(self.idx), chunk):
+            part = np.cumsum(self.store.lengths(self.idx[i:i + chunk]) + (self.sep is not None)) + done
+            ends[i:i + chunk], done = part, int(part[-1])
+        return ends
 
     def __len__(self) -> int: return self.n
 
@@ -86,6 +96,16 @@ class BlockView:
     def decode(self, o, full: bool = True): return self.tfm.decode(o)
 
 
+class BlockDL(TfmdDL):
+    """`TfmdDL` over a `BlockView` whose epoch order is a numpy array (a permutation from the DataLoader's own
+    generator when shuffling), not fastai's Python list of every index: millions of blocks cost 8 bytes each."""
+
+    def get_idxs(self):
+        idxs = np.arange(self.n, dtype=np.int32 if self.n < 2**31 else np.int64)
+        if self.shuffle: np.random.default_rng(self.rng.randint(0, 2**32 - 1)).shuffle(idxs)
+        return idxs
+
+
 def mask_tokens(
     ids: torch.Tensor,           # (B, L) token ids, padded on either side
     special_ids: torch.Tensor,   # Ids never chosen: special tokens and padding
@@ -95,24 +115,27 @@ def mask_tokens(
     mask_frac: float = 0.8,      # Of the chosen: share replaced by [MASK]
     random_frac: float = 0.1,    # Of the chosen: share replaced by a random token (the rest stay unchanged)
     word_starts: torch.Tensor | None = None,  # Bool per vocab id: starts a word. Given: whole words are chosen
+    generator: torch.Generator | None = None,  # Random generator (on the batch's device); None: torch's global one
 ) -> tuple[torch.Tensor, torch.Tensor]:
     "BERT's masking of a batch, with no Python loop over samples: returns (masked ids, labels with -100 where not chosen)."
     candidate = ~torch.isin(ids, special_ids)                            # (B, L) real, non-special tokens
-    if word_starts is None: chosen = torch.rand(ids.shape, device=ids.device) < mlm_prob
+    rand = lambda *shape: torch.rand(*shape, device=ids.device, generator=generator)
+    if word_starts is None: chosen = rand(ids.shape) < mlm_prob
     else:
         word = (word_starts[ids] & candidate).long().cumsum(1)           # (B, L) index of each token's word
-        chosen = (torch.rand(ids.shape[0], ids.shape[1] + 1, device=ids.device) < mlm_prob).gather(1, word)
+        chosen = (rand(ids.shape[0], ids.shape[1] + 1) < mlm_prob).gather(1, word)
     chosen &= candidate
     # a sequence with real tokens but none chosen gets one, so every batch has a loss
     empty = ~chosen.any(1) & candidate.any(1)                            # (B,)
     if empty.any():
-        pick = (torch.rand(ids.shape, device=ids.device) * candidate).argmax(1)  # (B,) a random candidate
+        pick = (rand(ids.shape) * candidate).argmax(1)                   # (B,) a random candidate
         chosen[empty, pick[empty]] = True
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    r = torch.rand(ids.shape, device=ids.device)
+    r = rand(ids.shape)
     masked = torch.where(chosen & (r < mask_frac), torch.full_like(ids, mask_id), ids)
     to_random = chosen & (r >= mask_frac) & (r < mask_frac + random_frac)
-    masked[to_random] = random_ids[torch.randint(len(random_ids), (int(to_random.sum()),), device=ids.device)]
+    masked[to_random] = random_ids[torch.randint(len(random_ids), (int(to_random.sum()),), device=ids.device,
+                                                 generator=generator)]
     return masked, labels
 
 
@@ -127,8 +150,10 @@ class MaskTokens(ItemTransform):
         mask_frac: float = 0.8,    # Of the chosen: share set to [MASK]
         random_frac: float = 0.1,  # Of the chosen: share set to a random token
         whole_word: bool = False,  # Choose whole words rather than single subword tokens
+        fixed: bool = False,       # The same masks for the same batch every time (held-out data): seeded by its ids
     ):
         super().__init__()
+        self.fixed = fixed
         tok = tfm.tok
         if tok.mask_token_id is None: raise UlmfitError("the tokenizer has no mask token; it cannot train an MLM")
         if not 0 <= mask_frac + random_frac <= 1: raise UlmfitError("mask_frac + random_frac must be between 0 and 1")
@@ -142,8 +167,11 @@ class MaskTokens(ItemTransform):
         ids = b[0]
         dev = ids.device
         ws = None if self.word_starts is None else self.word_starts.to(dev)
+        gen = None
+        if self.fixed:  # a seed from the batch's content: the same masks in every epoch, on any process
+            gen = torch.Generator(device=dev).manual_seed(zlib.crc32(ids.detach().cpu().numpy().tobytes()))
         masked, labels = mask_tokens(ids, self.special_ids.to(dev), self.mask_id, self.random_ids.to(dev),
-                                     self.mlm_prob, self.mask_frac, self.random_frac, ws)
+                                     self.mlm_prob, self.mask_frac, self.random_frac, ws, gen)
         return (masked, labels, *b[1:], labels)
 
     def decodes(self, b):
@@ -173,8 +201,8 @@ def mlm_dataloaders(
     **kwargs,                    # Passed to the DataLoaders (e.g. `device`)
 ) -> DataLoaders:
     """MLM `DataLoaders` over a token store: the texts are tokenized once (into the cache for a file), blocks and
-    documents are read from the memory-mapped ids; each batch is masked afresh (`MaskTokens`), so every epoch
-    sees new masks. With mode "segments" the batches come from `SegmentDL` and carry a "starts a document" flag."""
+    documents are read from the memory-mapped ids; each training batch is masked afresh (`MaskTokens`), so every
+    epoch sees new masks, while held-out batches get the same masks every time (comparable metrics). With mode "segments" the batches come from `SegmentDL` and carry a "starts a document" flag."""
     if mode not in ("blocks", "docs", "segments"):
         raise UlmfitError(f"mode must be 'blocks', 'docs' or 'segments', not {mode!r}")
     tfm = HFTokenizer(tokenizer, max_len)
@@ -190,14 +218,14 @@ def mlm_dataloaders(
     for v, (_, idx), what in zip(views, parts, ("training", "held-out")):
         if not len(v): raise UlmfitError(f"the {len(idx)} {what} text(s) fill no block of {max_len} tokens: lower max_len, "
                                          "add texts or change valid_pct")
-    mask = MaskTokens(tfm, mlm_prob, mask_frac, random_frac, whole_word)
+    masks = [MaskTokens(tfm, mlm_prob, mask_frac, random_frac, whole_word, fixed=not train) for train in (True, False)]
     if mode == "segments":
-        dls = [SegmentDL(v, max_len, tfm.pad_id, bs, seed, shuffle=train, after_batch=mask, **kwargs)
-               for v, train in zip(views, (True, False))]
+        dls = [SegmentDL(v, max_len, tfm.pad_id, bs, seed, shuffle=train, after_batch=m, **kwargs)
+               for v, m, train in zip(views, masks, (True, False))]
     else:
-        dl_type = TokenSortedDL if mode == "docs" else TfmdDL
+        dl_type = TokenSortedDL if mode == "docs" else BlockDL
         dls = [dl_type(v, bs=bs, shuffle=train, drop_last=train, num_workers=0, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
-                       after_batch=mask, **kwargs) for v, train in zip(views, (True, False))]
+                       after_batch=m, **kwargs) for v, m, train in zip(views, masks, (True, False))]
     return DataLoaders(*dls, device=kwargs.get("device"))
 
 
@@ -208,6 +236,8 @@ def mlm_loss(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 
 class MaskedAccuracy(Metric):
     "Share of chosen tokens predicted exactly, counted over tokens (not averaged over batches)."
+    sum_attrs = ("correct", "total")  # summed over the processes of a distributed run
+
     def reset(self): self.correct, self.total = 0, 0
 
     def accumulate(self, learn):
@@ -223,6 +253,8 @@ class MaskedAccuracy(Metric):
 
 class MaskedPerplexity(Metric):
     "exp of the mean cross-entropy over all chosen tokens."
+    sum_attrs = ("loss", "total")
+
     def reset(self): self.loss, self.total = 0.0, 0
 
     def accumulate(self, learn):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -78,7 +79,20 @@ class TokenStore:
         if not f.exists() or f.stat().st_size != want:
             raise UlmfitError(f"{f}: missing or truncated ({f.stat().st_size if f.exists() else 0} bytes, expected {want}); "
                               "build the store again")
-        return np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        if not n: return np.zeros(0, dtype)
+        m = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
+        # reads jump around (shuffled blocks): no readahead, or every read maps ~128 kB of the file into memory
+        if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None: m._mmap.madvise(mmap.MADV_RANDOM)
+        return m
+
+    def _release(self):
+        """Every 256 document reads, unmap the pages of the id and offset files this process has touched: the kernel maps
+        up to 64 kB around each read, which would otherwise grow the resident size by ~64 kB per random read
+        (clean file pages, reclaimable, but counted). The data stay in the page cache; a later read maps them again."""
+        self._reads += 1
+        if self._reads % 256 or not hasattr(mmap, "MADV_DONTNEED"): return
+        for m in (self.ids, self.offsets):
+            if getattr(m, "_mmap", None) is not None: m._mmap.madvise(mmap.MADV_DONTNEED)
 
     def _open(self):
         m = self.meta
@@ -86,6 +100,7 @@ class TokenStore:
         self.offsets = self._map("offsets", np.int64, m["n_docs"] + 1)      # (n_docs + 1,) where each document starts
         self.labels = self._map("labels", np.int32, m["n_docs"]) if m["classes"] is not None else None
         self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
+        self._reads = 0
 
     def __len__(self) -> int: return self.meta["n_docs"]
     def __repr__(self): return f"TokenStore({str(self.path)!r}: {len(self):,} documents, {self.meta['n_tokens']:,} tokens)"
@@ -95,12 +110,14 @@ class TokenStore:
 
     def doc(self, i: int) -> np.ndarray:
         "Token ids of document `i` (a view of the map)."
+        self._release()
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
     def lengths(self, idx=None) -> np.ndarray:
         "Token counts of the documents `idx` (all by default), from the offsets."
-        n = np.diff(self.offsets).astype(np.int64)
-        return n if idx is None else n[idx]
+        if idx is None: return np.diff(self.offsets)
+        idx = np.asarray(idx)
+        return self.offsets[idx + 1] - self.offsets[idx]
 
     def check_tokenizer(self, tfm: HFTokenizer, where: str = "the model"):
         "Refuse a store whose ids come from another tokenizer than `tfm`'s."
@@ -231,6 +248,13 @@ def cached_store(source, tfm: HFTokenizer, cache=None, verbose: bool = True, **o
     """The store of the file or folder `source` tokenized by `tfm` with the reading options `opts` (see
     `build_store`), from `cache` (default `default_cache()`): reused when its source and tokenizer
     fingerprints match (tokenization is skipped, and it says so), built or rebuilt otherwise."""
+    from .distributed import rank0_first
+    with rank0_first():  # in a distributed run, rank 0 builds the entry and the others then read it
+        return _cached_store(source, tfm, cache, verbose, **opts)
+
+
+def _cached_store(source, tfm: HFTokenizer, cache, verbose: bool, **opts) -> TokenStore:
+    from .distributed import is_rank0
     cache = Path(cache) if cache is not None else default_cache()
     key = json.dumps({"source": str(Path(source).absolute()), "tokenizer": tokenizer_fingerprint(tfm), **opts}, sort_keys=True)
     entry = cache / hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -238,12 +262,13 @@ def cached_store(source, tfm: HFTokenizer, cache=None, verbose: bool = True, **o
         try:
             store = TokenStore(entry)
             if store.meta["source"]["fingerprint"] == source_fingerprint(source):
-                if verbose: print(f"token store: {len(store):,} documents of {source} read from the cache {entry} "
+                if verbose and is_rank0(): print(f"token store: {len(store):,} documents of {source} read from the cache {entry} "
                                   "(tokenization skipped)", file=sys.stderr)
                 return store
             if verbose: print(f"token store: {source} changed since {entry} was built; tokenizing again", file=sys.stderr)
         except UlmfitError as e:
             if verbose: print(f"token store: rebuilding the unusable cache entry {entry} ({e})", file=sys.stderr)
+    if not is_rank0(): raise UlmfitError(f"{entry}: rank 0 did not build this token store")
     return build_store(source, tfm, entry, force=True, progress=verbose, **opts)
 
 
