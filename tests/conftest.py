@@ -61,6 +61,13 @@ def tiny_models(tmp_path_factory, sample_df):
 def bert_dir(tiny_models): return tiny_models["bert"]
 
 
+def reviews_csv(folder: Path, sample_df, n_train: int, n_valid: int) -> Path:
+    "The first `n_train` training and `n_valid` validation sample reviews, as `folder/d.csv`."
+    df = pd.concat([sample_df[~sample_df.is_valid].head(n_train), sample_df[sample_df.is_valid].head(n_valid)])
+    df.to_csv(folder / "d.csv", index=False)
+    return folder / "d.csv"
+
+
 @pytest.fixture()
 def small_df(sample_df):
     "40 reviews: 32 training rows and 8 validation rows, both classes balanced in each."

@@ -1,12 +1,10 @@
 "Checkpoints and resume: an interrupted run, resumed, ends exactly where the uninterrupted one does."
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -14,6 +12,7 @@ from fastai.learner import load_learner
 from fastai.torch_core import set_seed
 from safetensors.torch import load_file
 
+from tests.conftest import reviews_csv
 from ulmfit_tx import CheckpointCallback, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit
 from ulmfit_tx.cli import main
 from ulmfit_tx.plots import LossHistory
@@ -76,10 +75,7 @@ def _kill_when(proc, state_file, reached, timeout=300):
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory, sample_df):
-    d = tmp_path_factory.mktemp("ckdata")
-    df = pd.concat([sample_df[~sample_df.is_valid].head(120), sample_df[sample_df.is_valid].head(20)])
-    df.to_csv(d / "d.csv", index=False)
-    return d / "d.csv"
+    return reviews_csv(tmp_path_factory.mktemp("ckdata"), sample_df, 120, 20)
 
 
 def _model_weights(out, kind):

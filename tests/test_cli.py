@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from ulmfit_tx.io import iter_chunks
+from tests.conftest import reviews_csv
 from ulmfit_tx.cli import main
 
 
@@ -13,7 +14,7 @@ from ulmfit_tx.cli import main
 def csv(tmp_path_factory, sample_df):
     "40 training and 10 validation reviews as CSV, and the same as gzipped CSV and parquet."
     d = tmp_path_factory.mktemp("data")
-    df = pd.concat([sample_df[~sample_df.is_valid].head(40), sample_df[sample_df.is_valid].head(10)])
+    df = pd.read_csv(reviews_csv(d, sample_df, 40, 10), keep_default_na=False)
     df.to_csv(d / "train.csv", index=False)
     df.to_csv(d / "train.csv.gz", index=False)
     df.to_parquet(d / "train.parquet")

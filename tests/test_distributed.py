@@ -14,7 +14,8 @@ from fastai.learner import load_learner
 from fastai.torch_core import set_seed
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-from ulmfit_tx import Stage, classifier_learner, clas_dataloaders, fit_stages, mlm_dataloaders, mlm_learner
+from tests.conftest import reviews_csv
+from ulmfit_tx import Stage, classifier_learner, clas_dataloaders, mlm_dataloaders, mlm_learner
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
@@ -46,10 +47,7 @@ def no_dropout(tmp_path_factory, tiny_models, own_models):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, sample_df):
     "36 training and 10 validation reviews: 9 batches of 4, so the ranks get 5 and 4 (padded to 5 each)."
-    d = tmp_path_factory.mktemp("dist_data")
-    df = pd.concat([sample_df[~sample_df.is_valid].head(36), sample_df[sample_df.is_valid].head(10)])
-    df.to_csv(d / "d.csv", index=False)
-    return d / "d.csv"
+    return reviews_csv(tmp_path_factory.mktemp("dist_data"), sample_df, 36, 10)
 
 
 class PerRank(torch.nn.Module):

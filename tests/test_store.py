@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+from fastai.learner import load_learner
 
 from ulmfit_tx import HFTokenizer, TokenStore, UlmfitError, as_store, build_store, clas_dataloaders, mlm_dataloaders
 from ulmfit_tx.cli import main
@@ -92,6 +93,14 @@ def test_tokenize_command_makes_a_store_that_training_reads(tiny_models, small_d
     assert main(["train-clf", "--model", str(tiny_models["roberta"]), "--data", str(tmp_path / "store"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["train-clf", "--model", str(tiny_models["bert"]), "--data", str(tmp_path / "store"), "--out",
+                 str(tmp_path / "clf"), "--max-len", "32", "--bs", "8", "--schedule", "one-cycle"]) == 0
+    assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "store"), "--out",
+                 str(tmp_path / "p.csv")]) == 0                           # a store as prediction input: a row per document
+    by_store = pd.read_csv(tmp_path / "p.csv")
+    by_text = load_learner(tmp_path / "clf" / "export.pkl").predict_texts(small_df.text)
+    assert by_store.doc.tolist() == list(range(40))
+    assert by_store.prob_pos.values == pytest.approx(by_text.prob_pos.values, abs=1e-6)
 
 
 @pytest.mark.parametrize("args,message", [(["--max-len", "0"], "max-len must be positive"),

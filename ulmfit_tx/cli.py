@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="labels and probabilities from an exported classifier")
     p.add_argument("--model", required=True, help="folder written by train-clf (holds export.pkl)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="CSV/parquet file of texts")
+    src.add_argument("--data", help="CSV/parquet file of texts, or a token store made with the model's tokenizer")
     src.add_argument("--text", action="append", help="a text (repeat for several)")
     p.add_argument("--text-col", default="text")
     p.add_argument("--out", help="CSV file to write (default: print)")
@@ -349,12 +349,18 @@ def predict(a):
         print(res.to_string(index=False))
         return res
     from .errors import check_texts
-    df = read_data(a.data)
-    check_texts(df, a.text_col)
-    res = learn.predict_texts(df[a.text_col], bs=a.bs)
+    from .store import TokenStore, is_store
+    if is_store(a.data):  # a token store made with the model's tokenizer: one row per document, in order
+        res = learn.predict_texts(TokenStore(a.data), bs=a.bs)
+        first = ("doc", range(len(res)))
+    else:
+        df = read_data(a.data)
+        check_texts(df, a.text_col)
+        res = learn.predict_texts(df[a.text_col], bs=a.bs)
+        first = (a.text_col, df[a.text_col].values)
     if a.out:
         tmp = Path(a.out).with_name(Path(a.out).name + ".tmp")
-        res.insert(0, a.text_col, df[a.text_col].values)
+        res.insert(0, *first)
         res.to_csv(tmp, index=False)
         os.replace(tmp, a.out)
         print(f"{len(res)} predictions -> {a.out}")

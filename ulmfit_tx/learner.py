@@ -25,6 +25,7 @@ from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
 from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
 from .optimizer import ForeachAdamW
+from .store import TokenStore
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
@@ -99,9 +100,13 @@ class ClassifierLearner(HFLearner):
     "Learner for text classification; `predict` and `predict_texts` take raw text."
 
     def predict_texts(self, texts, bs: int = 64) -> pd.DataFrame:
-        "Labels and class probabilities of many texts: tokenized in one call, run in length-sorted batches."
-        texts = texts.tolist() if isinstance(texts, pd.Series) else list(texts)
-        ids = self.tokenizer.encode_batch(texts)
+        """Labels and class probabilities of many texts (or of the documents of a `TokenStore` made with this model's
+        tokenizer): tokenized in one call, run in length-sorted batches, returned in input order."""
+        tfm = self.tokenizer
+        if isinstance(texts, TokenStore):
+            texts.check_tokenizer(tfm)
+            ids = [tfm.wrap(texts.doc(i)) for i in range(len(texts))]
+        else: ids = tfm.encode_batch(texts.tolist() if isinstance(texts, pd.Series) else list(texts))
         dl = self.dls.test_dl(ids, bs=bs, val_res=[len(o) for o in ids])
         probs = self.get_preds(dl=dl)[0]                                  # back in input order
         vocab = list(self.dls.vocab)

@@ -276,7 +276,7 @@ def fill_mask(model, tfm: HFTokenizer, text: str, k: int = 5) -> list[list[tuple
     for m in ("[MASK]", "<mask>"): text = text.replace(m, tok.mask_token)
     ids = torch.as_tensor(tfm.encode_batch([text])[0], dtype=torch.long)[None]
     where = (ids[0] == tok.mask_token_id).nonzero().flatten()
-    if len(where) == 0: raise UlmfitError(f"no mask in the text: write [MASK] or <mask> where a word is missing")
+    if len(where) == 0: raise UlmfitError("no mask in the text: write [MASK] or <mask> where a word is missing")
     model.eval()
     device = next(model.parameters()).device
     logits = model(ids.to(device))[0, where].float().softmax(-1)         # (n_masks, V)
