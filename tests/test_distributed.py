@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from tests.conftest import reviews_csv
 from ulmfit_tx import Stage, classifier_learner, clas_dataloaders, mlm_dataloaders, mlm_learner
 
-WORKER = Path(__file__).parent / "dist" / "worker.py"
+WORKER = Path(__file__).parent / "ddp_worker.py"
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                                 reason="torchrun not installed")
 
