@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", default=str(HERE / "results" / "work" / "distributed"))
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the results files")
     a = ap.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -102,7 +103,7 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print(md)
-    out = HERE / "results" / f"distributed_{a.tag}"
+    out = Path(a.out) / f"distributed_{a.tag}"
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1) + "\n")
     out.with_suffix(".md").write_text(md + "\n")
 

@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--mem-limit-gb", type=float, default=16, help="address-space limit of the in-memory step")
     ap.add_argument("--work", default=str(HERE / "results" / "work" / "scale"))
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the results files")
     ap.add_argument("--merge", help="a results JSON of other sizes to merge into this run's table")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -196,7 +197,7 @@ def main():
     if a.merge: rows = [r for r in json.loads(Path(a.merge).read_text())["rows"] if r["n"] not in ints(a.sizes)] + rows
     md = table(rows)
     print(md)
-    out = HERE / "results" / f"scale_{a.tag}"
+    out = Path(a.out) / f"scale_{a.tag}"
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=1) + "\n")
     out.with_suffix(".md").write_text(md + "\n")
 

@@ -52,3 +52,21 @@ def test_memory_models_benchmark_smoke(tmp_path):
     assert res["memxl_ref_bug"]["samples"] == 0, "the reference fails three backward() calls in a row"
     assert res["imdb_memxl"]["mean_tokens_read"] > res["imdb_scratch"]["mean_tokens_read"]
     assert "| Memory Transformer-XL |" in out and "| memxl |" in out
+
+
+@needs_imdb
+def test_scale_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "scale.py", "--sizes", 2000, "--hf-sizes", "", "--memory-sizes", 2000,
+                "--work", tmp_path / "work", "--tag", "smoke"], tmp_path)
+    rows = json.loads((tmp_path / "scale_smoke.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == ["build", "train", "memory"] and not any("error" in r for r in rows)
+    assert all(r["peak_mb"] > 0 for r in rows) and rows[0]["docs_per_s"] > 0 and "| 2,000 |" in out
+
+
+@needs_imdb
+def test_distributed_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "distributed.py", "--tasks", "clf", "--n-train", 16, "--n-valid", 8, "--bs", 4,
+                "--clf-len", 32, "--rounds", 1, "--work", tmp_path / "work", "--tag", "smoke"], tmp_path)
+    rows = json.loads((tmp_path / "distributed_smoke.json").read_text())["rows"]
+    assert [r["procs"] for r in rows] == [1, 2] and all(r["samples_per_s"] > 0 for r in rows)
+    assert "| clf | 2 × 1 |" in out
