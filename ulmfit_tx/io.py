@@ -40,12 +40,12 @@ def read_table(path) -> pd.DataFrame:
     return df
 
 
-def _read_class_folders(path: Path) -> pd.DataFrame:
-    "Rows `text, label` from `path/<label>/*.txt`."
-    rows = [(f.read_text(encoding="utf-8", errors="replace"), d.name)
-            for d in sorted(p for p in path.iterdir() if p.is_dir())
-            for f in sorted(d.glob("*.txt"))]
-    return pd.DataFrame(rows, columns=["text", "label"])
+def _class_files(path: Path, valid_names=("test", "valid")) -> list[tuple[Path, str, bool]]:
+    "(file, label, is_valid) of every `.txt` of a folder in the IMDb layout (or of `<label>/` sub-folders), sorted."
+    def under(root, valid):
+        return [(f, d.name, valid) for d in sorted(p for p in root.iterdir() if p.is_dir()) for f in sorted(d.glob("*.txt"))]
+    if not (path / "train").is_dir(): return under(path, False)
+    return under(path / "train", False) + [x for v in valid_names if (path / v).is_dir() for x in under(path / v, True)]
 
 
 def read_folder(path, valid_names=("test", "valid")) -> pd.DataFrame:
@@ -54,21 +54,11 @@ def read_folder(path, valid_names=("test", "valid")) -> pd.DataFrame:
     (True under `test/` or `valid/`). A folder of `<label>/` sub-folders alone gives `text, label`."""
     path = Path(path)
     if not path.is_dir(): raise UlmfitError(f"{path}: no such folder")
-    if (path / "train").is_dir():
-        parts = [_read_class_folders(path / "train").assign(is_valid=False)]
-        parts += [_read_class_folders(path / v).assign(is_valid=True) for v in valid_names if (path / v).is_dir()]
-        df = pd.concat(parts, ignore_index=True)
-    else: df = _read_class_folders(path)
-    if len(df) == 0: raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
-    return df
-
-
-def _class_files(path: Path, valid_names=("test", "valid")) -> list[tuple[Path, str, bool]]:
-    "(file, label, is_valid) of every `.txt` of a folder in the IMDb layout, in `read_folder`'s order."
-    def under(root, valid):
-        return [(f, d.name, valid) for d in sorted(p for p in root.iterdir() if p.is_dir()) for f in sorted(d.glob("*.txt"))]
-    if not (path / "train").is_dir(): return under(path, False)
-    return under(path / "train", False) + [x for v in valid_names if (path / v).is_dir() for x in under(path / v, True)]
+    files = _class_files(path, valid_names)
+    if not files: raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
+    df = pd.DataFrame({"text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in files],
+                       "label": [lab for _, lab, _ in files], "is_valid": [v for _, _, v in files]})
+    return df if (path / "train").is_dir() else df.drop(columns="is_valid")
 
 
 def _is_class_folder(p: Path) -> bool:
