@@ -97,7 +97,7 @@ class CheckpointCallback(Callback):
     ):
         if every_steps is not None and every_steps < 1: raise UlmfitError(f"checkpoint steps must be positive, not {every_steps}")
         self.folder, self.every_steps, self.settings = Path(folder), every_steps, settings or {}
-        self.stage, self.saved = 0, None
+        self.stage = 0
         self.loaded = self._load() if resume else None
         self.position = Position(**self.loaded["position"]) if self.loaded else Position()
 
@@ -173,7 +173,6 @@ class CheckpointCallback(Callback):
     def save(self, pos: Position, epoch_end: bool = False):
         "Write the checkpoint for `pos` atomically (rank 0 only; the other ranks hold the same weights)."
         from .distributed import is_rank0
-        self.saved = pos
         if not is_rank0(): return
         now = rng_states(self.dls.train)
         model = getattr(self.learn.model, "module", self.learn.model)    # inside DistributedDataParallel

@@ -382,11 +382,8 @@ def tokenize_cmd(a):
 
 
 def _check_args(a):
-    """Refuse numeric options out of range and data paths that do not exist, before any work starts; join the process
-    group when a distributed launcher started this process."""
-    from .distributed import init_distributed
+    "Refuse numeric options out of range and data paths that do not exist, before any work starts."
     from .errors import UlmfitError, check_positive
-    init_distributed()
     for name in ("data", "corpus", "valid"):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
@@ -438,6 +435,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from .errors import UlmfitError
     try:
+        from .distributed import init_distributed
+        init_distributed()  # joins the process group when torchrun (or accelerate launch) started this process
         _quiet_libraries(a.debug)
         COMMANDS[a.command](a)
     except (UlmfitError, FileNotFoundError, PermissionError) as e:

@@ -94,7 +94,7 @@ class ShardedDL(DistributedDL):
         if self.dl.drop_last or self.dl.shuffle:                         # training: every rank the same number of steps
             batches += batches[: self._batches(len(batches)) * self.world_size - len(batches)]
         mine = batches[self.rank::self.world_size]
-        self.n = self.n_padded = sum(map(len, mine))
+        self.n = sum(map(len, mine))
         return [i for b in mine for i in b]
 
     def to_detach(self, b, cpu=True, gather=True): return to_detach(b, cpu, gather=False)

@@ -24,10 +24,16 @@ __all__ = ["DocView", "BlockView", "BlockDL", "mask_tokens", "MaskTokens", "mlm_
            "MaskedPerplexity", "fill_mask"]
 
 
-class DocView:
+class _StoreView:
+    "What the MLM views of a token store share: items `(ids,)` that `MaskTokens` makes 2 inputs, decoded by `tfm`."
+    n_inp = 2  # `MaskTokens` turns (ids,) into (masked, labels, labels): the model reads the labels too
+
+    def decode(self, o, full: bool = True): return self.tfm.decode(o)
+
+
+class DocView(_StoreView):
     """Documents `idx` of a token store as MLM items `(TensorText,)`: each truncated to `tfm.max_len` ("docs"), or
     whole ("segments", read by `SegmentDL`), with the special tokens around it. Lengths come from the offsets."""
-    n_inp = 2  # `MaskTokens` turns (ids,) into (masked, labels, labels): the model reads the labels too
 
     def __init__(self,
         store: TokenStore,      # The token store
@@ -46,14 +52,12 @@ class DocView:
         if i >= len(self.idx): raise IndexError(i)
         return (TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(self.idx[i]), self.truncate), dtype=torch.long)),)
 
-    def decode(self, o, full: bool = True): return self.tfm.decode(o)
 
 
-class BlockView:
+class BlockView(_StoreView):
     """Documents `idx` of a token store concatenated, with a separator after each, and cut into blocks of
     `tfm.max_len` tokens with the special tokens around each (the last, shorter block is dropped). A block is
     index arithmetic over the flat token array: nothing but one end offset per document is kept in memory."""
-    n_inp = 2
 
     def __init__(self,
         store: TokenStore,   # The token store
@@ -93,7 +97,6 @@ class BlockView:
         ids = np.concatenate([self.wrap[0], *parts, self.wrap[1]]).astype(np.int64)
         return (TensorText(torch.from_numpy(ids)),)
 
-    def decode(self, o, full: bool = True): return self.tfm.decode(o)
 
 
 class BlockDL(TfmdDL):
