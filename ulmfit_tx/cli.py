@@ -3,6 +3,7 @@ training, prediction, fill-mask, learning-rate finder), with progress bars, metr
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import shutil
 from contextlib import nullcontext
@@ -361,7 +362,8 @@ def predict(a):
     if a.out:
         tmp = Path(a.out).with_name(Path(a.out).name + ".tmp")
         res.insert(0, *first)
-        res.to_csv(tmp, index=False)
+        # every text quoted: pandas leaves a field ending in a lone \r unquoted, which readers split into two rows
+        res.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
         os.replace(tmp, a.out)
         print(f"{len(res)} predictions -> {a.out}")
     else: print(res.to_string())
