@@ -1,18 +1,31 @@
-"""Speed of ulmfit_tx against what a user would otherwise run: the Hugging Face Trainer, the
-`text-classification` pipeline and the fast tokenizer called directly. Same IMDb reviews, same
-MiniLM-L6 weights, max_len, batch size, sample count and precision on both sides; each case runs in
-its own process (so peak memory is per case) and the table shows samples/second and the ratio.
+"""Speed of ulmfit_tx against what a user would otherwise run, at every text length: the Hugging Face Trainer
+(with and without `group_by_length`), the `text-classification` pipeline, and the Trainer for MLM. Same IMDb texts,
+same MiniLM-L6 weights, max_len, batch size, learning rate, epochs and precision on both sides; every case runs in
+its own process, the cases alternate in rounds (a slow spell of the machine hits all alike), medians are reported.
 
-    python bench/speed.py                                  # CPU-sized defaults (a few minutes on 2 cores)
-    python bench/speed.py --n-train 8192 --n-mlm 8192 --n-infer 2000 --n-tok 50000 --bs 32   # a GPU
+At each length L (32, 64, 128, 256, 512 tokens) the texts are the leading sentences of IMDb reviews, up to a seeded
+random L/4 to 0.75 L words each (so lengths vary as real short texts do; at 512 many reviews are whole), labelled with
+their review's label.
+The number of texts falls as L grows (`--tokens` / L training texts), so each length trains for a similar time.
 
-Writes bench/results/speed_<device>.json and .md, and a bar chart speed_<device>.png.
+1. classifier, whole command: `ulmfit-tx train-clf --schedule one-cycle --epochs 1` against a Trainer script (read
+   the CSV, tokenize, train, evaluate, save the model, write metrics), each timed from process start to exit, with
+   the training loop's samples/s, the validation accuracy, and where the rest of the time went.
+2. MLM fine-tuning loop: the same blocks of L tokens, `mlm_learner` against the Trainer with
+   `DataCollatorForLanguageModeling`.
+3. inference: `learn.predict_texts` on an exported learner against `pipeline("text-classification")`, same weights.
+
+    python bench/speed.py                                  # CPU defaults (about 40 minutes on 2 cores)
+    python bench/speed.py --tokens 1048576 --bs 32         # a GPU (bf16 on both sides)
+
+Writes bench/results/speed_<device>.json and .md, and a chart speed_<device>.png of the ratios per length.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -35,6 +48,39 @@ def reviews(a, n: int, split: str = "train"):
     df = pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False)
     df = df[df.is_valid == (split == "test")].sample(frac=1, random_state=0)
     return df.iloc[:n].reset_index(drop=True)
+
+
+def lead(text: str, words: int) -> str:
+    "The leading sentences of a review, up to `words` words (at least the first sentence, which may be longer)."
+    out, n = [], 0
+    for sent in re.split(r"(?<=[.!?])\s+", text.replace("<br />", " ")):
+        k = len(sent.split())
+        if out and n + k > words: break
+        out.append(sent)
+        n += k
+    return " ".join(out)
+
+
+def sizes(a, length: int) -> dict:
+    "Texts per case at one length: `tokens / length` training texts, a quarter of that for validation, and so on."
+    n = max(4 * a.bs, a.tokens // length)
+    return {"train": n, "valid": max(a.bs, n // 4), "mlm": max(2 * a.bs, n // 2), "infer": n}
+
+
+def length_data(a, length: int) -> Path:
+    "The CSV of one length (text, label, is_valid; then the inference texts in infer.csv), written once."
+    import numpy as np
+    folder = Path(a.work) / f"len{length}"
+    if (folder / "train.csv").exists(): return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    n = sizes(a, length)
+    rng = np.random.default_rng(length)
+    short = lambda texts: [lead(t, w) for t, w in zip(texts, rng.integers(length // 4, int(0.75 * length) + 1, len(texts)))]
+    df = reviews(a, n["train"] + n["valid"]).assign(is_valid=lambda d: d.index >= n["train"])
+    df.assign(text=short(df.text))[["text", "label", "is_valid"]].to_csv(folder / "train.csv", index=False)
+    test = reviews(a, n["infer"], "test")
+    test.assign(text=short(test.text))[["text", "label"]].to_csv(folder / "infer.csv", index=False)
+    return folder
 
 
 def device() -> str:
@@ -72,59 +118,81 @@ def train_phase_timer():
     return TrainTimer()
 
 
-def trainer_args(a, out: str, **kw):
+def trainer_args(a, out: str, lr: float, **kw):
     from transformers import TrainingArguments
-    return TrainingArguments(out, per_device_train_batch_size=a.bs, num_train_epochs=1, learning_rate=5e-5,
-                             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none",
-                             dataloader_num_workers=0, bf16=precision() == "bf16", use_cpu=device() == "cpu",
-                             disable_tqdm=True, seed=0, **kw)
+    return TrainingArguments(out, per_device_train_batch_size=a.bs, per_device_eval_batch_size=a.bs, num_train_epochs=1,
+                             learning_rate=lr, save_strategy="no", eval_strategy="no", logging_strategy="no",
+                             report_to="none", dataloader_num_workers=0, bf16=precision() == "bf16",
+                             use_cpu=device() == "cpu", disable_tqdm=True, seed=0, **kw)
 
 
-# ---- the cases: each returns the number of samples processed and the seconds it took ----
+# ---- 1. the classifier command: ours is the CLI; theirs is this script run as `--case clf_trainer[_fixed]` ----
 
-def clf_ours(a):
-    from ulmfit_tx import clas_dataloaders, classifier_learner
-    df = reviews(a, a.n_train + a.bs).assign(is_valid=False)
-    df.loc[df.index[-a.bs:], "is_valid"] = True                       # one validation batch, not timed
-    dls = clas_dataloaders(df, minilm(), max_len=a.max_len, bs=a.bs)
-    timer = train_phase_timer()
-    learn = classifier_learner(dls, minilm(), head="native", freeze=False, precision=precision(), cbs=timer)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 5e-5)
-    return a.n_train // a.bs * a.bs, timer.seconds
+def clf_command(a, side: str, length: int, out: Path) -> list[str]:
+    "The command line of one side of (1)."
+    data = length_data(a, length) / "train.csv"
+    common = ["--max-len", str(length), "--bs", str(a.bs), "--lr", str(a.lr)]
+    if side == "ours":
+        return [sys.executable, "-m", "ulmfit_tx.cli", "train-clf", "--model", minilm(), "--data", str(data), "--out",
+                str(out), "--cache", str(out.parent / "cache"), "--schedule", "one-cycle", "--epochs", "1", *common]
+    return [sys.executable, __file__, "--case", side, "--csv", str(data), "--out", str(out), *common]
 
 
-def _clf_trainer(a, fixed: bool):
+def run_command(cmd: list[str], out: Path) -> dict:
+    "Run a whole command in a fresh process; its wall time from start to exit, and the metrics.json it wrote."
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0: raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    return {"wall_s": wall, "train_s": m["train_time_s"], "valid_s": m["valid_time_s"],
+            "other_s": wall - m["train_time_s"] - m["valid_time_s"], "samples_per_s": m["train_samples_per_s"],
+            "accuracy": m["accuracy"]}
+
+
+def clf_trainer(a, fixed: bool = False):
+    """What a user writes with the Trainer: read the CSV, tokenize (dynamic padding with `group_by_length`, or fixed
+    padding), train, evaluate once, save the model and tokenizer, write the metrics."""
+    import numpy as np
+    import pandas as pd
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               default_data_collator)
-    df = reviews(a, a.n_train)
+    df = pd.read_csv(a.csv, keep_default_na=False)
+    classes = sorted(df.label.unique())
     tok = AutoTokenizer.from_pretrained(minilm())
-    enc = tok(df.text.tolist(), truncation=True, max_length=a.max_len,
-              padding="max_length" if fixed else False)
-    labels = (df.label == "pos").astype(int).tolist()
-    ds = [{"input_ids": i, "attention_mask": m, "labels": l}
-          for i, m, l in zip(enc["input_ids"], enc["attention_mask"], labels)]
-    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2)
-    with tempfile.TemporaryDirectory() as out:
-        extra = {} if fixed else {"train_sampling_strategy": "group_by_length"}
-        tr = Trainer(model=model, args=trainer_args(a, out, **extra), train_dataset=ds,
-                     data_collator=default_data_collator if fixed else DataCollatorWithPadding(tok))
-        t0 = time.perf_counter()
-        tr.train()
-        return len(ds), time.perf_counter() - t0
+
+    def encode(part):
+        enc = tok(part.text.tolist(), truncation=True, max_length=a.max_len, padding="max_length" if fixed else False)
+        return [{"input_ids": i, "attention_mask": m, "labels": classes.index(l)}
+                for i, m, l in zip(enc["input_ids"], enc["attention_mask"], part.label)]
+    train, valid = encode(df[~df.is_valid]), encode(df[df.is_valid])
+    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=len(classes),
+                                                               id2label=dict(enumerate(classes)),
+                                                               label2id={c: i for i, c in enumerate(classes)})
+    accuracy = lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+    args = trainer_args(a, a.out, a.lr, **({} if fixed else {"train_sampling_strategy": "group_by_length"}))
+    tr = Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid, compute_metrics=accuracy,
+                 data_collator=default_data_collator if fixed else DataCollatorWithPadding(tok))
+    t = tr.train().metrics["train_runtime"]
+    ev = tr.evaluate()
+    tr.save_model(a.out)
+    tok.save_pretrained(a.out)
+    Path(a.out, "metrics.json").write_text(json.dumps({"accuracy": ev["eval_accuracy"], "train_time_s": t,
+                                                       "valid_time_s": ev["eval_runtime"],
+                                                       "train_samples_per_s": len(train) / t}))
 
 
-def clf_trainer(a): return _clf_trainer(a, fixed=False)
-def clf_trainer_fixed(a): return _clf_trainer(a, fixed=True)
-
+# ---- 2. MLM fine-tuning loop and 3. inference: each returns the samples processed and the seconds it took ----
 
 def _mlm_blocks(a):
-    "The same MLM blocks for both sides: `n_mlm` blocks of `max_len` tokens from training reviews."
+    "The same MLM blocks for both sides: `mlm` blocks of `max_len` tokens from training reviews."
     from ulmfit_tx import BlockView, HFTokenizer, as_store
     tfm = HFTokenizer(minilm(), a.max_len)
-    df, n, need = reviews(a, 25000), 0, a.n_mlm + a.bs
+    df, n, need = reviews(a, 25000), 0, sizes(a, a.max_len)["mlm"] + a.bs
     while True:
         n += 500
-        store = as_store(df.text[:n].tolist(), tfm)
+        store = as_store(df.text[:n].tolist(), tfm, cache=False)
         view = BlockView(store, range(len(store)), tfm)
         if len(view) >= need or n >= len(df): return [view[i][0].numpy() for i in range(min(need, len(view)))]
 
@@ -147,12 +215,12 @@ def mlm_ours(a):
 
 def mlm_trainer(a):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
-    blocks = _mlm_blocks(a)[: a.n_mlm]
+    blocks = _mlm_blocks(a)[:-a.bs]
     tok = AutoTokenizer.from_pretrained(minilm())
     ds = [{"input_ids": b.tolist()} for b in blocks]
     model = AutoModelForMaskedLM.from_pretrained(minilm())
     with tempfile.TemporaryDirectory() as out:
-        tr = Trainer(model=model, args=trainer_args(a, out), train_dataset=ds,
+        tr = Trainer(model=model, args=trainer_args(a, out, 1e-4), train_dataset=ds,
                      data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15))
         t0 = time.perf_counter()
         tr.train()
@@ -174,16 +242,21 @@ def _clf_folder(a) -> str:
 
 
 def _export(a) -> Path:
-    "Our exported learner around the same weights."
-    path = Path(a.work) / "export.pkl"
+    "Our exported learner around the same weights, reading `max_len` tokens."
+    path = Path(a.work) / f"export_{a.max_len}.pkl"
     if not path.exists():
         from ulmfit_tx import clas_dataloaders, classifier_learner
         df = reviews(a, 64).assign(is_valid=[False] * 48 + [True] * 16)
-        learn = classifier_learner(clas_dataloaders(df, _clf_folder(a), max_len=a.max_len), _clf_folder(a),
+        learn = classifier_learner(clas_dataloaders(df, _clf_folder(a), max_len=a.max_len, cache=False), _clf_folder(a),
                                    head="native")
         learn.path = path.parent
         learn.export(path.name)
     return path
+
+
+def _infer_texts(a) -> list[str]:
+    import pandas as pd
+    return pd.read_csv(length_data(a, a.max_len) / "infer.csv", keep_default_na=False).text.tolist()
 
 
 def infer_ours(a):
@@ -194,7 +267,7 @@ def infer_ours(a):
         warnings.simplefilter("ignore")
         learn = load_learner(_export(a), cpu=device() == "cpu")
     if precision() == "bf16": learn.to_bf16()
-    texts = reviews(a, a.n_infer, "test").text.tolist()
+    texts = _infer_texts(a)
     t0 = time.perf_counter()
     with learn.no_bar(): learn.predict_texts(texts, bs=a.infer_bs)
     return len(texts), time.perf_counter() - t0
@@ -205,45 +278,18 @@ def infer_pipeline(a):
     from transformers import pipeline
     pipe = pipeline("text-classification", model=_clf_folder(a), device=0 if device() == "cuda" else -1,
                     dtype=torch.bfloat16 if precision() == "bf16" else torch.float32)
-    texts = reviews(a, a.n_infer, "test").text.tolist()
+    texts = _infer_texts(a)
     t0 = time.perf_counter()
     pipe(texts, batch_size=a.infer_bs, truncation=True, max_length=a.max_len, top_k=None)
     return len(texts), time.perf_counter() - t0
 
 
-def tok_ours(a):
-    from ulmfit_tx import HFTokenizer
-    texts = _tok_texts(a)
-    tfm = HFTokenizer(minilm(), a.max_len)
-    t0 = time.perf_counter()
-    tfm.encode_batch(texts)
-    return len(texts), time.perf_counter() - t0
-
-
-def tok_raw(a):
-    from transformers import AutoTokenizer
-    texts = _tok_texts(a)
-    tok = AutoTokenizer.from_pretrained(minilm())
-    t0 = time.perf_counter()
-    for i in range(0, len(texts), 1000): tok(texts[i:i + 1000], truncation=True, max_length=a.max_len)
-    return len(texts), time.perf_counter() - t0
-
-
-def _tok_texts(a) -> list[str]:
-    "The first `n_tok` labelled reviews (both official halves) for the tokenization case."
-    import pandas as pd
-    return pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False).text.tolist()[: a.n_tok]
-
-
-CASES = {"clf_ours": clf_ours, "clf_trainer": clf_trainer, "clf_trainer_fixed": clf_trainer_fixed,
-         "mlm_ours": mlm_ours, "mlm_trainer": mlm_trainer, "infer_ours": infer_ours, "infer_pipeline": infer_pipeline,
-         "tok_ours": tok_ours, "tok_raw": tok_raw}
-# task: (ours, [(alternative, label)], target ratio)
-PAIRS = [("1. classifier fine-tuning", "clf_ours", [("clf_trainer", "Trainer, group_by_length + dynamic padding"),
-                                                    ("clf_trainer_fixed", "Trainer, fixed padding")], 1.2),
-         ("2. MLM fine-tuning", "mlm_ours", [("mlm_trainer", "Trainer + DataCollatorForLanguageModeling")], 1.0),
-         ("3. inference", "infer_ours", [("infer_pipeline", 'pipeline("text-classification")')], 1.2),
-         ("4. tokenization", "tok_ours", [("tok_raw", "fast tokenizer called in batches of 1,000")], 0.9)]
+CASES = {"mlm_ours": mlm_ours, "mlm_trainer": mlm_trainer, "infer_ours": infer_ours, "infer_pipeline": infer_pipeline}
+CLF_SIDES = {"clf_ours": "ours", "clf_trainer": "Trainer, group_by_length + dynamic padding",
+             "clf_trainer_fixed": "Trainer, fixed padding"}
+# (task, ours, theirs, label, target ratio)
+LOOP_PAIRS = [("2. MLM fine-tuning loop", "mlm_ours", "mlm_trainer", "Trainer + DataCollatorForLanguageModeling", 1.2),
+              ("3. inference", "infer_ours", "infer_pipeline", 'pipeline("text-classification")', 1.2)]
 
 
 def run_case(a, name: str, script: str = __file__) -> dict:
@@ -277,73 +323,129 @@ def run_one(a, cases: dict):
     print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb(), **extra}))
 
 
-def table(results: dict, a) -> str:
-    lines = [f"| task | ulmfit_tx samples/s | alternative | its samples/s | ratio (ours / theirs) | target | "
-             f"peak MB ours / theirs |", "|---|---|---|---|---|---|---|"]
-    for task, ours, alts, target in PAIRS:
-        if ours not in results: continue
-        o = results[ours]
-        for alt, label in alts:
-            if alt not in results: continue
-            t = results[alt]
-            r = o["samples_per_s"] / t["samples_per_s"]
-            lines.append(f"| {task} | {o['samples_per_s']:.1f} | {label} | {t['samples_per_s']:.1f} | "
-                         f"**{r:.2f}×** | ≥ {target}× | {o['peak_mb']:.0f} / {t['peak_mb']:.0f} |")
+
+
+def median(xs): return sorted(xs)[len(xs) // 2]
+
+
+def summarize(runs: dict) -> dict:
+    "Per length and case: the median of each number over the rounds, and every round's numbers."
+    out = {}
+    for (length, name), rs in runs.items():
+        keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float))]
+        out.setdefault(str(length), {})[name] = {**{k: median([r[k] for r in rs]) for k in keys}, "rounds": rs}
+    return out
+
+
+def mean_tokens(a, length: int) -> float:
+    "Mean model-input tokens of the training texts of one length (special tokens included, truncated at `length`)."
+    import pandas as pd
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(minilm()) / "tokenizer.json"))
+    texts = pd.read_csv(length_data(a, length) / "train.csv", keep_default_na=False).text.tolist()
+    return sum(min(len(e.ids), length) for e in tok.encode_batch(texts)) / len(texts)
+
+
+def tables(res: dict, a) -> str:
+    lines = ["**1. Classifier, whole command** (`ulmfit-tx train-clf --schedule one-cycle --epochs 1` against a Trainer "
+             "script; ratios are ours / theirs in speed, ≥ 1.2 is the target)", "",
+             "| max_len (mean tokens) | n train / valid | side | loop samples/s | loop ratio | whole command s | whole ratio | "
+             "train / valid / other s | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for length, r in res.items():
+        o = r.get("clf_ours")
+        for name, label in CLF_SIDES.items():
+            if name not in r: continue
+            t = r[name]
+            loop = f"**{o['samples_per_s'] / t['samples_per_s']:.2f}×**" if o and name != "clf_ours" else ""
+            whole = f"**{t['wall_s'] / o['wall_s']:.2f}×**" if o and name != "clf_ours" else ""
+            lines.append(f"| {length} ({r['mean_tokens']:.0f}) | {r['n_train']} / {r['n_valid']} | {label} | "
+                         f"{t['samples_per_s']:.1f} | {loop} | {t['wall_s']:.1f} | {whole} | "
+                         f"{t['train_s']:.1f} / {t['valid_s']:.1f} / {t['other_s']:.1f} | {t['accuracy']:.3f} |")
+    for task, ours, theirs, label, target in LOOP_PAIRS:
+        lines += ["", f"**{task}** (against {label}; target ≥ {target}×)", "",
+                  "| max_len | ulmfit_tx samples/s | theirs samples/s | ratio |", "|---|---|---|---|"]
+        for length, r in res.items():
+            if ours in r and theirs in r:
+                ratio = r[ours]["samples_per_s"] / r[theirs]["samples_per_s"]
+                lines.append(f"| {length} | {r[ours]['samples_per_s']:.1f} | {r[theirs]['samples_per_s']:.1f} | **{ratio:.2f}×** |")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path):
+def plot(res: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [(task.split(". ")[1], results[o]["samples_per_s"] / results[alts[0][0]]["samples_per_s"], target)
-            for task, o, alts, target in PAIRS if o in results and alts[0][0] in results]
-    fig, ax = plt.subplots(figsize=(7.5, 3.5))
-    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue", label="ulmfit_tx / alternative")
-    ax.scatter([r[2] for r in rows], [r[0] for r in rows], color="black", marker="D", zorder=3, label="target")
-    for y, (_, r, t) in enumerate(rows): ax.text(max(r, t) + 0.04, y, f"{r:.2f}×", va="center")
-    ax.axvline(1, color="grey", lw=1, ls=":")
-    ax.set(xlabel="throughput ratio (higher is faster)", xlim=(0, max(r[1] for r in rows) + 0.3))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    series = {"classifier loop vs Trainer (group_by_length)": lambda r: r["clf_ours"]["samples_per_s"] / r["clf_trainer"]["samples_per_s"],
+              "classifier whole command vs Trainer (group_by_length)": lambda r: r["clf_trainer"]["wall_s"] / r["clf_ours"]["wall_s"],
+              "MLM loop vs Trainer": lambda r: r["mlm_ours"]["samples_per_s"] / r["mlm_trainer"]["samples_per_s"],
+              "inference vs pipeline": lambda r: r["infer_ours"]["samples_per_s"] / r["infer_pipeline"]["samples_per_s"]}
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for label, f in series.items():
+        pts = []
+        for length, r in res.items():
+            try: pts.append((int(length), f(r)))
+            except KeyError: pass
+        if pts: ax.plot(*zip(*pts), "o-", label=label)
+    ax.axhline(1.2, color="black", ls="--", lw=1, label="target 1.2×")
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set(xscale="log", xlabel="max_len (tokens)", ylabel="speed ratio, ulmfit_tx / alternative")
+    ax.set_xticks([int(k) for k in res], [str(k) for k in res])
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-train", type=int, default=256, help="training reviews for (1)")
-    ap.add_argument("--n-mlm", type=int, default=256, help="MLM blocks for (2)")
-    ap.add_argument("--n-infer", type=int, default=2000, help="test reviews for (3)")
-    ap.add_argument("--n-tok", type=int, default=50000, help="labelled reviews for (4)")
-    ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--lengths", default="32,64,128,256,512", help="max_len values, comma-separated")
+    ap.add_argument("--tokens", type=int, default=49152, help="training texts per length: this / max_len")
+    ap.add_argument("--bs", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5, help="classifier learning rate (both sides)")
     ap.add_argument("--infer-bs", type=int, default=64)
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only", default="", help="comma-separated cases to run (default: all)")
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each case, cycling through the cases (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each case, cycling through lengths and cases")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--csv", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    Path(a.work).mkdir(parents=True, exist_ok=True)
+    if a.case in ("clf_trainer", "clf_trainer_fixed"): return clf_trainer(a, fixed=a.case == "clf_trainer_fixed")
     if a.case: return run_one(a, CASES)
-    names = [n for n in CASES if not a.only or n in a.only.split(",")]
-    runs = run_rounds(a, names, lambda run: f"{run['samples_per_s']:8.1f} samples/s  peak {run['peak_mb']:.0f} MB")
-    results = {}
-    for name, rs in runs.items():  # the median run, every round's throughput, the largest peak
-        results[name] = {**sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2],
-                         "rounds_samples_per_s": [r["samples_per_s"] for r in rs], "peak_mb": max(r["peak_mb"] for r in rs)}
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    names = [n for n in [*CLF_SIDES, *CASES] if not a.only or n in a.only.split(",")]
+    lengths = [int(x) for x in a.lengths.split(",")]
+    runs = {(L, n): [] for L in lengths for n in names}
+    for r in range(a.rounds):
+        for L in lengths:
+            for n in names:
+                if n in CLF_SIDES:
+                    with tempfile.TemporaryDirectory(dir=a.work) as tmp:
+                        out = Path(tmp) / "out"
+                        run = run_command(clf_command(a, "ours" if n == "clf_ours" else n, L, out), out)
+                    msg = f"whole {run['wall_s']:6.1f}s  loop {run['samples_per_s']:7.1f} samples/s  accuracy {run['accuracy']:.3f}"
+                else:
+                    run = run_case(argparse.Namespace(**{**vars(a), "max_len": L}), n)
+                    msg = f"{run['samples_per_s']:7.1f} samples/s"
+                runs[(L, n)].append(run)
+                print(f"round {r + 1} max_len {L:4d} {n:18s} {msg}", flush=True)
+    res = summarize(runs)
+    for L in lengths:
+        n = sizes(a, L)
+        res[str(L)].update(mean_tokens=mean_tokens(a, L), n_train=n["train"], n_valid=n["valid"])
     import torch
     env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-           "precision": precision(), "settings": {k: v for k, v in vars(a).items() if k not in ("case", "only")}}
-    md = table(results, a)
+           "precision": precision(), "settings": {k: v for k, v in vars(a).items() if k not in ("case", "only", "max_len", "csv")}}
+    md = tables(res, a)
     print(md)
-    out = Path(a.out)
-    tag = device()
-    (out / f"speed_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
+    out, tag = Path(a.out), device() + (f"_{a.tag}" if a.tag else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"speed_{tag}.json").write_text(json.dumps({"env": env, "results": res}, indent=2))
     (out / f"speed_{tag}.md").write_text(f"Environment: {json.dumps(env)}\n\n{md}\n")
-    plot(results, out / f"speed_{tag}.png")
+    plot(res, out / f"speed_{tag}.png")
 
 
 if __name__ == "__main__": main()

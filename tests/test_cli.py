@@ -70,6 +70,19 @@ def test_train_clf_ulmfit_writes_export_metrics_and_plots(clf_dir):
     assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_train_clf_passes_over_the_validation_rows_once(tiny_models, csv, tmp_path, monkeypatch):
+    "Metrics and the confusion matrix come from the fit's own validation: no second pass after training."
+    from fastai.learner import Learner
+    passes, validate = [], Learner._do_epoch_validate
+    monkeypatch.setattr(Learner, "_do_epoch_validate", lambda self, *a, **k: passes.append(1) or validate(self, *a, **k))
+    out = tmp_path / "clf"
+    assert main(["train-clf", "--model", str(tiny_models["bert"]), "--data", str(csv), "--out", str(out),
+                 "--max-len", "32", "--bs", "8", "--schedule", "one-cycle", "--epochs", "1"]) == 0
+    assert len(passes) == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train_time_s"] > 0 and m["valid_time_s"] > 0 and m["train_samples_per_s"] == pytest.approx(40 / m["train_time_s"])
+
+
 @pytest.mark.parametrize("ext", ["csv.gz", "parquet"])
 def test_train_clf_one_cycle_native_head_on_other_formats(tiny_models, csv, tmp_path, ext):
     out = tmp_path / "clf"
@@ -174,7 +187,7 @@ def test_existing_output_is_refused_then_replaced_with_force_and_kept_on_failure
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     import ulmfit_tx.plots
     def boom(*a, **k): raise RuntimeError("disk full")
-    monkeypatch.setattr(ulmfit_tx.plots, "plot_confusion", boom)
+    monkeypatch.setattr(ulmfit_tx.plots, "plot_confusion_matrix", boom)
     with pytest.raises(RuntimeError): main(args + ["--force"])
     assert (clf_dir / "export.pkl").read_bytes() == before            # the old export is untouched
     assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

@@ -103,3 +103,7 @@ def test_fastai_display_and_interpretation_work_on_text(trained):
     interp.plot_top_losses(2)
     interp.plot_confusion_matrix()
     assert interp.confusion_matrix().sum() == len(learn.dls.valid_ds)
+    from ulmfit_tx.plots import ConfusionCounts
+    counts = ConfusionCounts()
+    learn.validate(cbs=counts)                      # counted while validating: the same matrix as fastai's
+    assert (counts.counts.numpy() == interp.confusion_matrix()).all()

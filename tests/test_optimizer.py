@@ -5,7 +5,7 @@ import torch
 from fastai.optimizer import Adam
 from torch import nn
 
-from ulmfit_tx import ForeachAdamW
+from ulmfit_tx import FusedAdamW
 
 
 def _model():
@@ -16,9 +16,9 @@ def _model():
 def _groups(m): return [list(m[0].parameters()), list(m[1].parameters()) + list(m[2].parameters()), list(m[3].parameters())]
 
 
-def test_foreach_adamw_matches_fastai_adam_with_groups_no_wd_and_frozen_params():
+def test_fused_adamw_matches_fastai_adam_with_groups_no_wd_and_frozen_params():
     ref_model, new_model = _model(), _model()
-    ref, new = Adam(_groups(ref_model), lr=1e-2, wd=0.1), ForeachAdamW(_groups(new_model), lr=1e-2, wd=0.1)
+    ref, new = Adam(_groups(ref_model), lr=1e-2, wd=0.1), FusedAdamW(_groups(new_model), lr=1e-2, wd=0.1)
     for opt, m in [(ref, ref_model), (new, new_model)]:
         for p in m[1].parameters(): opt.state[p]["do_wd"] = False            # LayerNorm: no weight decay
         opt.freeze_to(1)                                                      # group 0 frozen

@@ -13,7 +13,7 @@ from .learner import (LAYER_DIV, ClassifierLearner, MLMLearner, Stage, classifie
 from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, BlockView, DocView, mask_tokens, mlm_dataloaders, mlm_loss
 from .models import MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, masked_lm_model
-from .optimizer import ForeachAdamW
+from .optimizer import FusedAdamW
 from .pretrain import new_config, pretrain_learner
 from .store import TokenStore, as_store, build_store, cached_store, default_cache
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer

@@ -165,19 +165,23 @@ def _checkpoint(a):
     return CheckpointCallback(folder, a.checkpoint_steps, settings, resume=a.resume)
 
 
-def _train(learn, stages) -> tuple[list, float, float]:
-    """`fit_stages` then `validate`: in one process, or, under a distributed launcher (torchrun), on every process
-    with fastai's `distrib_ctx` (the data sharded by batches, the validation metrics over all ranks' rows).
-    Returns the validation values and the seconds of training and of validation."""
+def _train(learn, stages) -> list:
+    """`fit_stages`: in one process, or, under a distributed launcher (torchrun), on every process with fastai's
+    `distrib_ctx` (the data sharded by batches, the validation metrics over all ranks' rows). Returns the validation
+    values of the final weights: the last epoch's (a fit validates after every epoch, so no second pass), or a
+    `validate`'s when no epoch ran (a resumed run whose checkpoint was taken after the last stage)."""
     from fastai.torch_core import num_distrib
 
     from .learner import fit_stages
     with (learn.distrib_ctx() if num_distrib() > 1 else nullcontext()):
-        t0 = time.time()
         fit_stages(learn, stages)
-        t1 = time.time()
-        values = learn.validate()
-    return values, t1 - t0, time.time() - t1
+        return list(learn.recorder.values[-1][1:]) if learn.recorder.values else learn.validate()
+
+
+def _times(hist, samples: int) -> dict:
+    "Seconds spent training and validating (from `LossHistory`), and the training throughput."
+    return dict(train_time_s=hist.train_seconds, valid_time_s=hist.valid_seconds,
+                train_samples_per_s=samples / hist.train_seconds if hist.train_seconds else None)
 
 
 def _quiet_libraries(debug: bool):
@@ -227,9 +231,9 @@ def finetune_lm(a):
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
-    (loss, acc, ppl), train_time, _ = _train(learn, [Stage(None, a.epochs, a.lr)])
+    loss, acc, ppl = _train(learn, [Stage(None, a.epochs, a.lr)])
     metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
-                   n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), train_time_s=train_time)
+                   n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), **_times(hist, a.epochs * len(dls.train_ds)))
     _save_mlm(learn, hist, metrics, a)
     if not a.keep_checkpoints: ckpt.remove()
     _say(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
@@ -264,16 +268,16 @@ def pretrain(a):
     learn = pretrain_learner(texts, a.arch, a.valid, a.vocab_size, a.max_len, a.layers, a.hidden, a.heads, a.bs, a.seed,
                              a.dropout, docs=a.docs, text_col=a.text_col, cache=a.cache, precision=a.precision,
                              cbs=[hist, ckpt])
-    (loss, acc, ppl), train_time, _ = _train(learn, [Stage(None, a.epochs, a.lr)])
+    loss, acc, ppl = _train(learn, [Stage(None, a.epochs, a.lr)])
     n_params = sum(p.numel() for p in learn.model.parameters())
     metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, dropout=a.dropout,
                    max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params,
                    n_train_items=len(learn.dls.train_ds), n_valid_items=len(learn.dls.valid_ds),
-                   train_time_s=train_time)
+                   **_times(hist, a.epochs * len(learn.dls.train_ds)))
     _save_mlm(learn, hist, metrics, a)
     if not a.keep_checkpoints: ckpt.remove()
     _say(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
-          f"masked-token accuracy {acc:.4f}, {train_time:.0f}s -> {a.out}")
+          f"masked-token accuracy {acc:.4f}, {metrics['train_time_s']:.0f}s -> {a.out}")
     return metrics
 
 
@@ -283,7 +287,7 @@ def train_clf(a):
     from fastai.torch_core import num_distrib
 
     from .learner import LAYER_DIV, Stage, classifier_learner, ulmfit_stages
-    from .plots import LossHistory, plot_confusion, plot_losses
+    from .plots import ConfusionCounts, LossHistory, plot_confusion_matrix, plot_losses
     _check_args(a)
     check_out_dir(a.out, a.force)
     ckpt = _checkpoint(a)
@@ -291,18 +295,17 @@ def train_clf(a):
     a.max_len = a.max_len or _clf_max_len(a.model)
     dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, max_len=a.max_len,
                            truncate=a.truncate, bs=a.bs, cache=a.cache)
-    hist = LossHistory()
-    learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=[hist, ckpt])
+    hist, counts = LossHistory(), ConfusionCounts()
+    learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=[hist, counts, ckpt])
     lr = a.lr or _DEFAULT_LR[a.schedule]
     div = (LAYER_DIV if a.div is None else a.div) if a.schedule == "ulmfit" else None  # ulmfit_lrs checks it
     stages = ulmfit_stages(lr, (1, 1, 1, a.epochs), div=div) if a.schedule == "ulmfit" else [Stage(None, a.epochs, lr)]
     epochs = [st.epochs for st in stages]
-    (valid_loss, acc), train_time, valid_time = _train(learn, stages)
+    valid_loss, acc = _train(learn, stages)
     metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
                    passes=sum(epochs), lr=lr, div=div, head=a.head, max_len=a.max_len, bs=a.bs,
                    n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab],
-                   train_time_s=train_time, valid_time_s=valid_time, processes=max(1, num_distrib()),
-                   train_samples_per_s=sum(epochs) * len(dls.train_ds) / train_time)
+                   processes=max(1, num_distrib()), **_times(hist, sum(epochs) * len(dls.train_ds)))
     from .distributed import rank0_only
     with rank0_only() as main, (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
         if not main: return metrics
@@ -310,13 +313,13 @@ def train_clf(a):
         learn.export("export.pkl")
         _write_json(tmp / "metrics.json", metrics)
         plot_losses(hist, tmp / "loss.png")
-        plot_confusion(learn, tmp / "confusion_matrix.png")
+        plot_confusion_matrix(counts.counts, dls.vocab, tmp / "confusion_matrix.png")
         if a.head == "native":
             learn.model.hf.save_pretrained(tmp / "hf")
             learn.tokenizer.tok.save_pretrained(tmp / "hf")
     if not a.keep_checkpoints: ckpt.remove()
     _say(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
-          f"{sum(epochs)} passes in {train_time:.0f}s -> {a.out}")
+          f"{sum(epochs)} passes in {metrics['train_time_s']:.0f}s -> {a.out}")
     return metrics
 
 

@@ -24,7 +24,7 @@ from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
 from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
-from .optimizer import ForeachAdamW
+from .optimizer import FusedAdamW
 from .store import TokenStore
 from .tokenize import HFTokenizer, find_tokenizer
 
@@ -140,7 +140,7 @@ def mlm_learner(
     precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
     splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
     metrics=None,                  # Default: masked-token accuracy and perplexity
-    opt_func=ForeachAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's multi-tensor kernels
+    opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
     wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
     cbs=None,                      # fastai callbacks (`MemoryCallback` is added for memory encoders)
     **kwargs,                      # Passed to `Learner`
@@ -162,7 +162,7 @@ def classifier_learner(
     precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
     metrics=accuracy,              # fastai metrics
-    opt_func=ForeachAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's multi-tensor kernels
+    opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
     wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
     lin_ftrs: list | None = None,  # Pooling head: hidden layer sizes (default [50])
     ps: list | None = None,        # Pooling head: dropout per hidden layer

@@ -11,7 +11,7 @@ from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMas
                           PreTrainedModel)
 
 from .archs import ARCHS
-from .attention import use_fast_attention
+from .kernels import use_fast_kernels
 from .encoders import MEMORY_MODEL_TYPES
 from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
@@ -44,7 +44,7 @@ class PortableHF(nn.Module):
     `learn.export()`) as its config and weights and rebuild it on load with the Auto classes, so an
     export does not depend on pickled transformers objects. `_call` calls the model and keeps its
     auxiliary loss (Compressive Transformer) as `self.aux_loss` for `MemoryCallback`. The model's
-    attention is switched to `hf_attention` (`use_fast_attention`)."""
+    attention and dropout are switched to ulmfit_tx's CPU kernels (`use_fast_kernels`)."""
     hf_family, hf_kwargs = "base", {}
     aux_loss = None
 
@@ -70,7 +70,7 @@ class PortableHF(nn.Module):
         config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
         hf = AUTO[self.hf_family].from_config(config, **self.hf_kwargs)
         hf.load_state_dict(saved["weights"])
-        self.hf = use_fast_attention(hf).eval()
+        self.hf = use_fast_kernels(hf).eval()
 
 
 class MaskedLM(PortableHF):
@@ -82,7 +82,7 @@ class MaskedLM(PortableHF):
         pad_id: int,          # The tokenizer's padding id: attention is masked there
     ):
         super().__init__()
-        self.hf, self.pad_id = use_fast_attention(hf), pad_id
+        self.hf, self.pad_id = use_fast_kernels(hf), pad_id
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         mask = ids != self.pad_id                                         # (B, L) True at real tokens
@@ -143,7 +143,7 @@ class SequenceClassifier(PortableHF):
         head: nn.Module | None = None,  # f(states (B, L, H), mask (B, L)) -> logits; None: the model's native head
     ):
         super().__init__()
-        self.hf, self.pad_id, self.head = use_fast_attention(hf), pad_id, head
+        self.hf, self.pad_id, self.head = use_fast_kernels(hf), pad_id, head
         self.hf_family = "base" if head is not None else "sequence_classification"
         self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
 

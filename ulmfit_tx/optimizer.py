@@ -1,7 +1,9 @@
-"""fastai's AdamW stepped with torch's multi-tensor kernels. Same maths and hyper-parameters as
-`fastai.optimizer.Adam` (decoupled weight decay, per-parameter `do_wd`, frozen groups skipped, `lr` and
-`mom` scheduled by `fit_one_cycle`), but one kernel call per set of parameters that share
-hyper-parameters instead of a Python loop over every parameter and stepper."""
+"""fastai's AdamW stepped with torch's fused kernel (CPU and CUDA; multi-tensor elsewhere). Same maths and
+hyper-parameters as `fastai.optimizer.Adam` (decoupled weight decay, per-parameter `do_wd`, frozen groups
+skipped, `lr` and `mom` scheduled by `fit_one_cycle`), but one kernel call per set of parameters that share
+hyper-parameters instead of a Python loop over every parameter and stepper. The fused kernel reads and writes
+each parameter once per step (the multi-tensor one once per operation): at short texts, where the step is a
+large part of a batch, that is about 10% of the training time on CPU."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,11 +12,11 @@ import torch
 from fastai.optimizer import Optimizer
 from torch.optim.adamw import adamw
 
-__all__ = ["ForeachAdamW"]
+__all__ = ["FusedAdamW"]
 
 
-class ForeachAdamW(Optimizer):
-    "AdamW with fastai's Optimizer API (param groups, freezing, hypers), stepped with `torch.optim.adamw`."
+class FusedAdamW(Optimizer):
+    "AdamW with fastai's Optimizer API (param groups, freezing, hypers), stepped with `torch.optim.adamw`'s fused kernel."
 
     def __init__(self,
         params,                 # Parameters, or lists of parameters (one per layer group)
@@ -31,14 +33,18 @@ class ForeachAdamW(Optimizer):
         if closure is not None: raise NotImplementedError("fastai optimizers do not take a closure")
         sets = defaultdict(lambda: ([], [], [], [], []))
         for p, _, state, hyper in self.all_params(with_grad=True):
-            fused = p.is_cuda
+            fused = p.device.type in ("cpu", "cuda") and p.is_floating_point()
             if "exp_avg" not in state:
                 state.update(exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                              exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
                              step=torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"))
             wd = hyper["wd"] if state.get("do_wd", True) else 0.0
-            key = (float(hyper["lr"]), float(hyper["mom"]), float(hyper["sqr_mom"]), float(hyper["eps"]), float(wd), fused)
+            key = (float(hyper["lr"]), float(hyper["mom"]), float(hyper["sqr_mom"]), float(hyper["eps"]), float(wd), fused,
+                   p.device, p.dtype)
             for lst, t in zip(sets[key], (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])): lst.append(t)
-        for (lr, mom, sqr_mom, eps, wd, fused), (ps, grads, m, v, steps) in sets.items():
+        for (lr, mom, sqr_mom, eps, wd, fused, *_), (ps, grads, m, v, steps) in sets.items():
             adamw(ps, grads, m, v, [], steps, foreach=not fused, fused=fused or None, amsgrad=False, beta1=mom,
                   beta2=sqr_mom, lr=lr, weight_decay=wd, eps=eps, maximize=False)
+
+
+ForeachAdamW = FusedAdamW  # its name in 0.1.0: learners exported by 0.1.0 still unpickle

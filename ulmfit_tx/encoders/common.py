@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..attention import attend
+from ..kernels import Dropout, attend
 
 __all__ = ["EncoderConfig", "MemoryConfig", "SegmentedEncoder", "EncoderOutput", "HeadOutput", "FeedForward", "Attention", "Block", "RelativePositionBias",
            "masked_concat_pool", "attention_keep", "memory_attention_mask", "MLMHead", "ClassificationHead", "EncoderPreTrainedModel", "MaskedLMMixin",
@@ -70,7 +70,7 @@ class HeadOutput(ModelOutput):
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
 
 
 class Attention(nn.Module):
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         assert dim % heads == 0, f"hidden size {dim} is not a multiple of {heads} heads"
         self.heads, self.attn_dropout = heads, attn_dropout
         self.q, self.kv, self.out = nn.Linear(dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, dim)
-        self.drop = nn.Dropout(out_dropout)
+        self.drop = Dropout(out_dropout)
 
     def split(self, t: torch.Tensor) -> torch.Tensor:
         B, T, D = t.shape
@@ -205,7 +205,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.drop, self.out = nn.Dropout(config.classifier_dropout), nn.Linear(3 * config.hidden_size, config.num_labels)
+        self.drop, self.out = Dropout(config.classifier_dropout), nn.Linear(3 * config.hidden_size, config.num_labels)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.out(self.drop(masked_concat_pool(h, mask)))          # (B, C)
@@ -241,7 +241,7 @@ class SegmentedEncoder(EncoderPreTrainedModel):
         self.memory_layers = layers
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
         self.rel_pos = RelativePositionBias(config.num_attention_heads, config.rel_pos_buckets, config.rel_pos_max_distance)
         self.layers = nn.ModuleList([Block(config, **block_kwargs) for _ in range(n)])
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)

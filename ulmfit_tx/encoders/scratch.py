@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import Dropout
 from .common import (Block, EncoderConfig, EncoderOutput, EncoderPreTrainedModel, MaskedLMMixin,
                      SequenceClassificationMixin, attention_keep)
 
@@ -26,7 +27,7 @@ class ScratchModel(EncoderPreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.pos = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()

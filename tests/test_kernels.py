@@ -1,12 +1,12 @@
-"""Attention kernels: `attend` against torch's SDPA, its fast CPU dropout, and the "ulmfit_tx" attention
-function that the learners switch Hugging Face models to."""
+"""CPU training kernels: `attend` against torch's SDPA, the fast dropout mask and `Dropout`, and the "ulmfit_tx"
+attention function and dropout modules that the learners switch Hugging Face models to."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM
 
-import ulmfit_tx.attention as attention
-from ulmfit_tx.attention import attend, dropout_keep, use_fast_attention
+import ulmfit_tx.kernels as kernels
+from ulmfit_tx.kernels import Dropout, attend, dropout_keep, use_fast_kernels
 from ulmfit_tx.models import MaskedLM
 
 from .conftest import ARCHS
@@ -88,13 +88,30 @@ def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypa
     with torch.no_grad(): a, b = hf(input_ids=ids, attention_mask=keep).logits, sdpa(input_ids=ids, attention_mask=keep).logits
     assert torch.allclose(a[keep], b[keep], atol=1e-5)
     calls = []
-    monkeypatch.setattr(attention, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
+    monkeypatch.setattr(kernels, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
     hf.train()(input_ids=ids, attention_mask=keep).logits.sum().backward()
     assert calls and all(p > 0 for p in calls), "training on CPU with dropout did not use attend"
+    drops = [type(m) for m in hf.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(t is Dropout for t in drops), "some nn.Dropout modules were not switched"
     hf.save_pretrained(tmp_path)  # a saved folder must load without ulmfit_tx
     assert "ulmfit_tx" not in (tmp_path / "config.json").read_text()
 
 
-def test_use_fast_attention_leaves_our_own_encoders_alone(own_models):
+def test_use_fast_kernels_leaves_our_own_encoders_alone(own_models):
     hf = AutoModelForMaskedLM.from_pretrained(own_models["scratch"])
-    assert use_fast_attention(hf).config._attn_implementation != "ulmfit_tx"
+    assert use_fast_kernels(hf).config._attn_implementation != "ulmfit_tx"
+
+
+def test_dropout_drops_p_scales_the_rest_and_passes_gradients():
+    "`Dropout` on CPU: zeros at rate p, kept values scaled by 1/(1-p) (the mean kept), the same mask in the gradient."
+    drop, x = Dropout(0.2).train(), torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    zero = y == 0
+    assert abs(zero.float().mean().item() - 0.2) < 0.005
+    assert torch.allclose(y[~zero], torch.full_like(y[~zero], 1 / 0.8)) and abs(y.mean().item() - 1) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, zero)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y), "not reproducible under torch.manual_seed"
+    assert torch.equal(drop.eval()(x), x), "eval mode must be the identity"
