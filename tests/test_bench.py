@@ -20,14 +20,18 @@ def _run(args, tmp_path):
 
 @needs_imdb
 def test_speed_benchmark_smoke(tmp_path):
-    out = _run([ROOT / "bench" / "speed.py", "--n-train", 16, "--n-mlm", 16, "--n-infer", 24, "--n-tok", 64,
-                "--max-len", 32, "--bs", 8, "--rounds", 1, "--work", tmp_path / "work"], tmp_path)
+    out = _run([ROOT / "bench" / "speed.py", "--lengths", "32,48", "--tokens", 256, "--bs", 4, "--infer-bs", 8,
+                "--rounds", 1, "--work", tmp_path / "work"], tmp_path)
     res = json.loads((tmp_path / "speed_cpu.json").read_text())["results"]
-    assert set(res) == {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
-                        "infer_pipeline", "tok_ours", "tok_raw"}
-    assert all(r["samples_per_s"] > 0 and r["peak_mb"] > 0 and r["rounds_samples_per_s"] == [r["samples_per_s"]]
-               for r in res.values())
-    assert "| 4. tokenization |" in out and (tmp_path / "speed_cpu.png").exists()
+    assert set(res) == {"32", "48"}
+    for length, r in res.items():
+        assert {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
+                "infer_pipeline"} <= set(r) and 0 < r["mean_tokens"] <= int(length)
+        for side in ("clf_ours", "clf_trainer", "clf_trainer_fixed"):   # whole command: its parts add up
+            c = r[side]
+            assert c["wall_s"] > c["train_s"] > 0 and 0 <= c["accuracy"] <= 1 and len(c["rounds"]) == 1
+        assert all(r[k]["samples_per_s"] > 0 for k in ("mlm_ours", "mlm_trainer", "infer_ours", "infer_pipeline"))
+    assert "| 48 (" in out and "**3. inference**" in out and (tmp_path / "speed_cpu.png").exists()
 
 
 @needs_imdb

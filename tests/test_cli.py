@@ -191,9 +191,16 @@ def test_existing_output_is_refused_then_replaced_with_force_and_kept_on_failure
     with pytest.raises(RuntimeError): main(args + ["--force"])
     assert (clf_dir / "export.pkl").read_bytes() == before            # the old export is untouched
     assert not [p for p in clf_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    ckpt = clf_dir.parent / "clf.checkpoint" / "checkpoint.pt"
+    assert ckpt.exists(), "the trained weights were not checkpointed when writing the outputs failed"
     monkeypatch.undo()
-    assert main(args + ["--force"]) == 0
-    assert json.loads((clf_dir / "metrics.json").read_text())["schedule"] == "one-cycle"
+    from fastai.learner import Learner
+    trained = []
+    monkeypatch.setattr(Learner, "_do_epoch_train", lambda self: trained.append(1))
+    assert main(args + ["--force", "--resume"]) == 0 and not trained  # the outputs, without training again
+    assert json.loads((clf_dir / "metrics.json").read_text())["schedule"] == "one-cycle" and not ckpt.exists()
+    monkeypatch.undo()
+    assert main(args + ["--force"]) == 0 and not ckpt.parent.exists()  # a run that finishes writes no checkpoint
 
 
 def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import csv
 import itertools
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import json
 import os
 import sys
@@ -162,7 +162,19 @@ def _checkpoint(a):
                               "--force to start again without it, or delete it")
         shutil.rmtree(folder)
     settings = {k: v for k, v in vars(a).items() if k not in _NOT_SETTINGS}
-    return CheckpointCallback(folder, a.checkpoint_steps, settings, resume=a.resume)
+    return CheckpointCallback(folder, a.checkpoint_steps, settings, resume=a.resume, defer_last=not a.keep_checkpoints)
+
+
+@contextmanager
+def _finishing(ckpt, keep: bool):
+    """Around writing a run's outputs: if that fails, the checkpoint of the trained weights (held back by
+    `defer_last`) is written, so `--resume` writes the outputs without training again; if it succeeds, the
+    checkpoint folder is removed unless --keep-checkpoints."""
+    try: yield
+    except BaseException:
+        ckpt.save_deferred()
+        raise
+    if not keep: ckpt.remove()
 
 
 def _train(learn, stages) -> list:
@@ -175,7 +187,8 @@ def _train(learn, stages) -> list:
     from .learner import fit_stages
     with (learn.distrib_ctx() if num_distrib() > 1 else nullcontext()):
         fit_stages(learn, stages)
-        return list(learn.recorder.values[-1][1:]) if learn.recorder.values else learn.validate()
+        values = getattr(learn.recorder, "values", None)                   # (set by the fit's first epoch)
+        return list(values[-1][1:]) if values else learn.validate()
 
 
 def _times(hist, samples: int) -> dict:
@@ -234,8 +247,7 @@ def finetune_lm(a):
     loss, acc, ppl = _train(learn, [Stage(None, a.epochs, a.lr)])
     metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), **_times(hist, a.epochs * len(dls.train_ds)))
-    _save_mlm(learn, hist, metrics, a)
-    if not a.keep_checkpoints: ckpt.remove()
+    with _finishing(ckpt, a.keep_checkpoints): _save_mlm(learn, hist, metrics, a)
     _say(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics
 
@@ -274,8 +286,7 @@ def pretrain(a):
                    max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params,
                    n_train_items=len(learn.dls.train_ds), n_valid_items=len(learn.dls.valid_ds),
                    **_times(hist, a.epochs * len(learn.dls.train_ds)))
-    _save_mlm(learn, hist, metrics, a)
-    if not a.keep_checkpoints: ckpt.remove()
+    with _finishing(ckpt, a.keep_checkpoints): _save_mlm(learn, hist, metrics, a)
     _say(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
           f"masked-token accuracy {acc:.4f}, {metrics['train_time_s']:.0f}s -> {a.out}")
     return metrics
@@ -307,7 +318,8 @@ def train_clf(a):
                    n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab],
                    processes=max(1, num_distrib()), **_times(hist, sum(epochs) * len(dls.train_ds)))
     from .distributed import rank0_only
-    with rank0_only() as main, (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
+    with _finishing(ckpt, a.keep_checkpoints), rank0_only() as main, \
+            (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
         if not main: return metrics
         learn.path = tmp
         learn.export("export.pkl")
@@ -317,7 +329,6 @@ def train_clf(a):
         if a.head == "native":
             learn.model.hf.save_pretrained(tmp / "hf")
             learn.tokenizer.tok.save_pretrained(tmp / "hf")
-    if not a.keep_checkpoints: ckpt.remove()
     _say(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
           f"{sum(epochs)} passes in {metrics['train_time_s']:.0f}s -> {a.out}")
     return metrics

@@ -227,7 +227,7 @@ def fit_stages(learn: Learner, stages: list[Stage], **kwargs) -> Learner:
         if st.depth is None: learn.unfreeze()
         else: learn.freeze_to(-st.depth)
         if ckpt is not None:
-            ckpt.stage = i
+            ckpt.stage, ckpt.last_stage = i, i == len(stages) - 1
             if i == start.stage and ckpt.loaded is not None: ckpt.restore(learn)
         lr = st.lr if st.div is None else ulmfit_lrs(learn, st.lr, st.div)
         learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, **kwargs)
