@@ -100,25 +100,6 @@ def precision() -> str:
     return "bf16" if device() == "cuda" else "fp32"
 
 
-def train_phase_timer():
-    "A fastai callback that times the training phase of each epoch (not validation)."
-    from fastai.callback.core import Callback
-
-    class TrainTimer(Callback):
-        order = 100
-
-        def __init__(self): self.seconds = 0.0
-
-        def before_train(self): self.t0 = time.perf_counter()
-
-        def after_train(self):
-            if device() == "cuda":
-                import torch
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - self.t0
-    return TrainTimer()
-
-
 def trainer_args(a, out: str, lr: float, **kw):
     from transformers import TrainingArguments
     return TrainingArguments(out, per_device_train_batch_size=a.bs, per_device_eval_batch_size=a.bs, num_train_epochs=1,
@@ -202,16 +183,17 @@ def mlm_ours(a):
     from fastai.data.core import Datasets, TfmdDL
 
     from ulmfit_tx import HFTokenizer, MaskTokens, PadTokens, mlm_learner
+    from ulmfit_tx.plots import LossHistory
     blocks = _mlm_blocks(a)
     tfm = HFTokenizer(minilm(), a.max_len)
     n = len(blocks) - a.bs
     dsets = Datasets(blocks, tfms=[[tfm]], splits=(list(range(n)), list(range(n, len(blocks)))), n_inp=2)
     dls = dsets.dataloaders(bs=a.bs, num_workers=0, dl_type=TfmdDL, before_batch=PadTokens(tfm.pad_id),
                             after_batch=MaskTokens(tfm))
-    timer = train_phase_timer()
-    learn = mlm_learner(dls, minilm(), precision=precision(), cbs=timer)
+    hist = LossHistory()                                                  # times the training phase
+    learn = mlm_learner(dls, minilm(), precision=precision(), cbs=hist)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-4)
-    return n // a.bs * a.bs, timer.seconds
+    return n // a.bs * a.bs, hist.train_seconds
 
 
 def mlm_trainer(a):

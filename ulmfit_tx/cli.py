@@ -10,7 +10,6 @@ from contextlib import contextmanager, nullcontext
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 

@@ -79,16 +79,17 @@ class ConfusionCounts(Callback):
 
     def before_validate(self):
         n = len(self.dls.vocab)
-        self.counts = torch.zeros(n, n, dtype=torch.long)
+        self.counts = torch.zeros(n, n, dtype=torch.long, device=next(self.learn.model.parameters()).device)
 
     def after_batch(self):
         if self.training or not self.yb: return  # (no targets: predictions of unlabelled texts)
         n = len(self.counts)
-        pairs = (self.yb[0].view(-1) * n + self.pred.argmax(-1).view(-1)).cpu()
+        pairs = self.yb[0].view(-1) * n + self.pred.argmax(-1).view(-1)   # counted where the model runs: no sync a batch
         self.counts += torch.bincount(pairs, minlength=n * n).view(n, n)
 
     def after_validate(self):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(self.counts)
+        self.counts = self.counts.cpu()
 
 
 def plot_confusion_matrix(counts, vocab, path, title: str = "Confusion matrix") -> Path:
