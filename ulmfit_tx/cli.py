@@ -369,7 +369,7 @@ def predict(a):
         first = ("doc", range(len(res)))
     else:
         df = read_data(a.data)
-        check_texts(df, a.text_col)
+        check_texts(df, a.text_col, a.data)
         res = learn.predict_texts(df[a.text_col], bs=a.bs)
         first = (a.text_col, df[a.text_col].values)
     if a.out:
