@@ -12,7 +12,7 @@ from torch import nn
 from .errors import UlmfitError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "arch_spec", "max_positions", "encoder_groups", "clas_splitter",
-           "lm_splitter"]
+           "lm_splitter", "marge_splitter"]
 
 
 @dataclass
@@ -93,3 +93,10 @@ def lm_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     tied to the word embeddings (as fastai's `awd_lstm_lm_split`): `freeze()` trains embeddings and head."""
     return _groups(model, emb_last=True)
 
+
+
+def marge_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Marge groups: the encoder (with the word embeddings the decoder shares), then the decoder and beta, so
+    `freeze()` trains a new decoder on a pretrained encoder first."""
+    enc = set(map(id, model.hf.encoder.parameters()))
+    return [list(model.hf.encoder.parameters()), [p for p in model.hf.parameters() if id(p) not in enc]]

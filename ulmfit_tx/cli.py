@@ -112,6 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
 
+    p = sub.add_parser("pretrain-marge", help="adapt an encoder to your texts with Marge (retrieval and reconstruction) "
+                       "instead of MLM; the encoder folder it writes is a --model for train-clf and finetune-lm")
+    p.add_argument("--data", required=True, help="CSV/TSV/parquet file, .txt/.txt.gz corpus, or a token store (tokenize)")
+    p.add_argument("--model", required=True, help="encoder folder or hub name (BERT, RoBERTa, ALBERT, DistilBERT, scratch): "
+                   "a new decoder is added; or a Marge folder (OUT/marge) to continue")
+    p.add_argument("--from-config", action="store_true", help="build the encoder from --model's config with fresh weights")
+    _out_args(p)
+    _checkpoint_args(p)
+    _cache_arg(p)
+    p.add_argument("--text-col", default="text", help="column with the texts (default: text)")
+    p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
+                   help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+    p.add_argument("--max-len", type=int, default=128, help="tokens per chunk: long documents are cut into chunks")
+    p.add_argument("--evidence", type=int, default=4, help="evidence chunks per target")
+    p.add_argument("--reindex-every", type=int, help="training steps between neighbour-table rebuilds (default: each stage's start)")
+    p.add_argument("--retrieval-layer", type=int, help="encoder layers before the document embedding (default: half)")
+    p.add_argument("--self-layers", type=int, default=2, help="decoder layers with self-attention only")
+    p.add_argument("--cross-layers", type=int, default=2, help="then decoder layers with cross-attention over the evidence")
+    p.add_argument("--same-doc", action="store_true", help="allow evidence from the target's own document (other chunks)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs training the new decoder on the frozen encoder")
+    p.add_argument("--epochs", type=int, default=1, help="then epochs training everything")
+    p.add_argument("--lr", type=float, default=3e-3, help="warm-up learning rate; everything trains at lr/3")
+    p.add_argument("--bs", type=int, default=8, help="targets per batch")
+    p.add_argument("--valid-pct", type=float, default=0.05, help="share of documents whose chunks are held-out targets")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+
     p = sub.add_parser("train-clf", help="train a classifier on top of an encoder (ULMFiT schedule by default)")
     _data_args(p)
     _out_args(p)
@@ -291,6 +319,48 @@ def pretrain(a):
     return metrics
 
 
+def pretrain_marge(a):
+    from .io import atomic_dir, check_out_dir
+    from .learner import marge_learner, marge_stages
+    from .plots import LossHistory, plot_losses
+    from .retrieval import marge_dataloaders
+    from .store import as_store
+    from .tokenize import HFTokenizer
+    _check_args(a)
+    check_out_dir(a.out, a.force)
+    ckpt = _checkpoint(a)
+    _seed(a.seed)
+    tfm = HFTokenizer(a.model, a.max_len)
+    store = as_store(a.data, tfm, a.cache, text_col=a.text_col, docs=a.docs, unk=tfm.tok.unk_token, max_docs=a.max_docs)
+    dls = marge_dataloaders(store, tfm.tok, a.max_len, a.evidence, a.valid_pct, a.bs, a.seed, exclude_same_doc=not a.same_doc)
+    hist = LossHistory()
+    decoder = {} if _is_marge(a.model) else dict(self_layers=a.self_layers, cross_layers=a.cross_layers,
+                                                 **({"retrieval_layer": a.retrieval_layer} if a.retrieval_layer else {}))
+    learn = marge_learner(dls, a.model, a.from_config, a.reindex_every, a.precision, cbs=[hist, ckpt], **decoder)
+    loss, beta = _train(learn, marge_stages(a.lr, a.warmup_epochs, a.epochs))
+    n_train = len(dls.train_ds)
+    metrics = dict(valid_loss=loss, beta=beta, retrieval_layer=learn.model.hf.config.retrieval_layer, evidence=a.evidence,
+                   n_chunks=len(dls.train.retriever.chunks), n_train_targets=n_train, n_valid_targets=len(dls.valid_ds),
+                   warmup_epochs=a.warmup_epochs, epochs=a.epochs, lr=a.lr, max_len=a.max_len, per_epoch=hist.epochs,
+                   reindex=learn.reindexer.history, **_times(hist, (a.warmup_epochs + a.epochs) * n_train))
+    with _finishing(ckpt, a.keep_checkpoints), atomic_dir(a.out, a.force) as tmp:
+        learn.save_pretrained(tmp / "encoder")
+        for f in (tmp / "encoder").iterdir(): f.rename(tmp / f.name)   # OUT is the encoder folder train-clf reads
+        (tmp / "encoder").rmdir()
+        learn.save_marge(tmp / "marge")
+        _write_json(tmp / "metrics.json", metrics)
+        plot_losses(hist, tmp / "loss.png")
+    _say(f"Marge: held-out reconstruction loss {loss:.4f}, beta {beta:.2f}, {metrics['train_time_s']:.0f}s -> {a.out} "
+         f"(the encoder; the whole model in {Path(a.out) / 'marge'})")
+    return metrics
+
+
+def _is_marge(model) -> bool:
+    from .encoders import MargeConfig
+    from .models import load_config
+    return load_config(model).model_type == MargeConfig.model_type
+
+
 def train_clf(a):
     from .data import clas_dataloaders
     from .io import atomic_dir, check_out_dir
@@ -403,7 +473,7 @@ def _check_args(a):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
     names = ("max_len", "bs", "epochs", "lr", "max_rows", "max_docs", "vocab_size", "layers", "hidden", "heads", "top_k",
-             "div", "checkpoint_steps")
+             "div", "checkpoint_steps", "evidence", "reindex_every", "retrieval_layer", "cross_layers")
     check_positive(**{n: getattr(a, n) for n in names if hasattr(a, n)})
 
 
@@ -442,7 +512,7 @@ def lr_find_cmd(a):
     return sugg
 
 
-COMMANDS = {"tokenize": tokenize_cmd, "pretrain": pretrain, "finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
+COMMANDS = {"tokenize": tokenize_cmd, "pretrain": pretrain, "pretrain-marge": pretrain_marge, "finetune-lm": finetune_lm, "train-clf": train_clf, "predict": predict, "fill-mask": fill_mask_cmd,
             "lr-find": lr_find_cmd}
 
 

@@ -15,7 +15,7 @@ from fastai.torch_core import norm_types
 from fastcore.foundation import L
 from torch import nn
 
-from .archs import clas_splitter, lm_splitter, max_positions
+from .archs import clas_splitter, lm_splitter, marge_splitter, max_positions
 from .checkpoint import CheckpointCallback, Position
 from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES
@@ -23,14 +23,15 @@ from .errors import UlmfitError, check_max_len
 from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
-from .models import MaskedLM, SequenceClassifier, classifier_model, masked_lm_model
+from .models import MargeLM, MaskedLM, SequenceClassifier, classifier_model, marge_model, masked_lm_model
+from .retrieval import Beta, Reindexer
 from .optimizer import FusedAdamW
 from .store import TokenStore
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
-           "ClassifierLearner", "mlm_learner", "classifier_learner", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
-           "fit_ulmfit"]
+           "ClassifierLearner", "MargeLearner", "mlm_learner", "classifier_learner", "marge_learner", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
+           "fit_ulmfit", "marge_stages", "fit_marge"]
 
 
 def default_precision() -> str:
@@ -122,6 +123,27 @@ class ClassifierLearner(HFLearner):
         return super().save_pretrained(path, force)
 
 
+class MargeLearner(HFLearner):
+    """Learner for Marge pretraining (`marge_learner`): `save_pretrained` writes the adapted encoder as a Hugging Face
+    folder that `classifier_learner`, `mlm_learner`, `train-clf` and `finetune-lm` read; `save_marge` the whole model."""
+
+    def reindex(self) -> dict:
+        "Rebuild the embeddings and the neighbour table now (`learn.reindexer`, the callback); returns their statistics."
+        self.reindexer.rebuild()
+        return self.reindexer.history[-1]
+
+    def save_pretrained(self, path, force: bool = False) -> Path:
+        "The encoder and the tokenizer as a Hugging Face folder (safetensors), atomically."
+        with atomic_dir(path, force) as tmp:
+            self.model.hf.encoder.save_pretrained(tmp)
+            self.tokenizer.tok.save_pretrained(tmp)
+        return Path(path)
+
+    def save_marge(self, path, force: bool = False) -> Path:
+        "The whole Marge model (encoder, decoder, beta) and the tokenizer, to continue training with `marge_learner`."
+        return super().save_pretrained(path, force)
+
+
 def _check_len(tfm: HFTokenizer, model):
     check_max_len(tfm.max_len, max_positions(model.hf.config), f"model type {model.hf.config.model_type!r}")
 
@@ -181,6 +203,35 @@ def classifier_learner(
     learn = ClassifierLearner(dls, model, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
                               wd_bn_bias=False, train_bn=False, cbs=_callbacks(dls, model, cbs), **kwargs)
     if freeze: learn.freeze()
+    return set_precision(learn, precision)
+
+
+def marge_learner(
+    dls,                           # DataLoaders from `marge_dataloaders`
+    model,                         # Encoder folder / hub name / model (a new decoder is added), Marge folder, or `MargeLM`
+    from_config: bool = False,     # Build the encoder from `model`'s config with fresh weights (pretraining from nothing)
+    reindex_every: int | None = None,  # Training steps between neighbour-table rebuilds (None: at the start of each fit)
+    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    splitter=marge_splitter,       # Parameter groups: encoder, then decoder and beta (`freeze()` trains the decoder)
+    metrics=None,                  # Default: beta
+    opt_func=FusedAdamW,           # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
+    wd: float = 0.01,              # AdamW weight decay (never on biases and norm weights)
+    cbs=None,                      # fastai callbacks (a `Reindexer` is added)
+    progress: bool = True,         # Progress bar and a line per reindex
+    **kwargs,                      # MargeConfig fields of a new decoder (retrieval_layer, self_layers, cross_layers, beta_init,
+                                   # dropouts), then `Learner` arguments
+) -> MargeLearner:
+    """A fastai Learner that adapts an encoder to the corpus of `dls` with Marge: `fit_one_cycle`, `lr_find`, then
+    `save_pretrained` for the classifier stage."""
+    tfm = find_tokenizer(dls)
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ("retrieval_layer", "self_layers", "cross_layers", "beta_init",
+              "num_attention_heads", "intermediate_size", "hidden_dropout", "attn_dropout", "attn_layer_dropout", "ff_dropout")}
+    if not isinstance(model, MargeLM): model = marge_model(model, tfm.tok, from_config, **fields)
+    check_max_len(tfm.max_len, min(max_positions(model.hf.encoder.config), model.hf.config.max_position_embeddings),
+                  f"model type {model.hf.encoder.config.model_type!r}")
+    learn = MargeLearner(dls, model, loss_func=mlm_loss, opt_func=opt_func, splitter=splitter,
+                         metrics=[Beta()] if metrics is None else metrics, wd=wd, wd_bn_bias=False, train_bn=False,
+                         cbs=L(cbs) + [Reindexer(reindex_every, progress=progress)], **kwargs)
     return set_precision(learn, precision)
 
 
@@ -251,3 +302,22 @@ def fit_ulmfit(
     each with `fit_one_cycle` and discriminative learning rates. The same as running, per stage,
     `learn.freeze_to(-n); learn.fit_one_cycle(e, ulmfit_lrs(learn, lr))`. Resumable with a `CheckpointCallback`."""
     return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)
+
+
+def marge_stages(lr: float = 3e-3, warmup_epochs: int = 1, epochs: int = 1, div: float = 3.0) -> list[Stage]:
+    """Marge's schedule: the decoder alone on the frozen encoder (`warmup_epochs` at `lr`), then every layer
+    (`epochs` at `lr / div`). Without the warm-up, a new decoder that cannot yet use its evidence sends the retriever
+    noise, and its neighbours degrade (bench/README.md, Marge)."""
+    return ([Stage(1, warmup_epochs, lr)] if warmup_epochs else []) + [Stage(None, epochs, lr / div)]
+
+
+def fit_marge(
+    learn: Learner,
+    lr: float = 3e-3,              # Learning rate of the warm-up
+    warmup_epochs: int = 1,        # Epochs training the decoder alone (0: none)
+    epochs: int = 1,               # Epochs training everything
+    div: float = 3.0,              # The second stage's rate is `lr / div`
+    **kwargs,                      # Passed to `fit_one_cycle`
+) -> Learner:
+    "`marge_stages` with `fit_stages` (one `fit_one_cycle` per stage; resumable with a `CheckpointCallback`)."
+    return fit_stages(learn, marge_stages(lr, warmup_epochs, epochs, div), **kwargs)

@@ -8,7 +8,7 @@ import torch
 from fastai.layers import LinBnDrop
 from torch import nn
 from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
-                          PreTrainedModel)
+                          PreTrainedConfig, PreTrainedModel)
 
 from .archs import ARCHS
 from .kernels import use_fast_kernels
@@ -17,8 +17,8 @@ from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
 from .io import model_source
 
-__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "PoolingClassifierHead", "SequenceClassifier",
-           "masked_lm_model", "classifier_model", "load_config"]
+__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "MargeLM", "PoolingClassifierHead", "SequenceClassifier",
+           "masked_lm_model", "classifier_model", "marge_model", "load_config"]
 
 AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
 
@@ -112,6 +112,21 @@ class MemoryMaskedLM(MaskedLM):
         elif rows.any(): self.memories = self.hf.base_model.reset_memories(self.memories, rows.to(self.memories.mem_mask.device))
 
 
+class MargeLM(PortableHF):
+    """A `MargeModel` as fastai trains it: (targets, their mask, evidence, its mask, next-token labels) -> the logits
+    (N, V) at the labelled positions only (the vocabulary projection is skipped elsewhere), for `mlm_loss`."""
+
+    def __init__(self, hf: PreTrainedModel):  # A `MargeModel`
+        super().__init__()
+        use_fast_kernels(hf.encoder)
+        self.hf = use_fast_kernels(hf)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, ev_ids: torch.Tensor, ev_mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        h, _ = self.hf.decode(ids, mask, ev_ids, ev_mask)                 # (B, T, D)
+        return self.hf.logits(h[labels != -100])                          # (N, V)
+
+
 class PoolingClassifierHead(nn.Module):
     """ULMFiT's classifier head (fastai's `PoolingLinearClassifier`) on transformer states: the first
     token, the masked mean and the masked max, concatenated, then `LinBnDrop` layers."""
@@ -179,6 +194,32 @@ def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, *
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     _check_vocab(hf, tok, src)
     return SequenceClassifier(hf, tok.pad_token_id, PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs))
+
+
+def marge_model(
+    src,                            # Marge folder (continue), encoder folder / hub name / model, or an encoder config
+    tok,                            # The tokenizer (its vocabulary must fit the encoder's)
+    from_config: bool = False,      # Build the encoder of `src`'s config with fresh weights
+    **kwargs,                       # MargeConfig fields for a new decoder: retrieval_layer, self_layers, cross_layers, ...
+) -> MargeLM:
+    """A `MargeLM`: a saved Marge model, or a new decoder on the encoder of `src` (pretrained weights, or fresh ones
+    from its config). `retrieval_layer` defaults to half the encoder's layers."""
+    from .encoders import MargeConfig, MargeModel
+    config = src if isinstance(src, PreTrainedConfig) else load_config(src)
+    if config.model_type == MargeConfig.model_type:
+        if from_config or kwargs: raise UlmfitError(f"{src} is a Marge model already: its decoder settings are its own")
+        hf = load_hf(src)
+    else:
+        if config.model_type in MEMORY_MODEL_TYPES:
+            raise UlmfitError(f"{src}: a {config.model_type!r} encoder reads segment by segment and cannot be Marge's encoder")
+        fresh = from_config or isinstance(src, PreTrainedConfig)
+        enc = AutoModel.from_config(config, **_base_kwargs(config.model_type)) if fresh else \
+            load_hf(src, "base", **_base_kwargs(config.model_type))
+        kwargs.setdefault("retrieval_layer", max(1, config.num_hidden_layers // 2))
+        try: hf = MargeModel.from_encoder(enc, **kwargs)
+        except ValueError as e: raise UlmfitError(f"{src}: {e}") from None
+    _check_vocab(hf, tok, src)
+    return MargeLM(hf)
 
 
 def load_config(src):

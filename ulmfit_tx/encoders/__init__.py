@@ -5,13 +5,14 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
 from ..archs import ArchSpec, register_arch
 from .compressive import (CompressiveConfig, CompressiveForMaskedLM, CompressiveForSequenceClassification,
                           CompressiveMemories, CompressiveModel)
+from .marge import MargeConfig, MargeModel
 from .memxl import MemXLConfig, MemXLForMaskedLM, MemXLForSequenceClassification, MemXLMemories, MemXLModel
 from .scratch import ScratchConfig, ScratchForMaskedLM, ScratchForSequenceClassification, ScratchModel
 
 __all__ = ["ScratchConfig", "ScratchModel", "ScratchForMaskedLM", "ScratchForSequenceClassification", "MemXLConfig",
            "MemXLMemories", "MemXLModel", "MemXLForMaskedLM", "MemXLForSequenceClassification", "CompressiveConfig",
            "CompressiveMemories", "CompressiveModel", "CompressiveForMaskedLM", "CompressiveForSequenceClassification",
-           "MEMORY_MODEL_TYPES"]
+           "MargeConfig", "MargeModel", "MEMORY_MODEL_TYPES"]
 
 FAMILIES = [(ScratchConfig, ScratchModel, ScratchForMaskedLM, ScratchForSequenceClassification),
             (MemXLConfig, MemXLModel, MemXLForMaskedLM, MemXLForSequenceClassification),
@@ -25,3 +26,6 @@ for config, base, mlm, clf in FAMILIES:
     # embeddings (and the relative position bias) first, then each block; the rest goes with the head
     register_arch(config.model_type, ArchSpec(["embed", "pos" if config is ScratchConfig else "rel_pos", "embed_norm"], "layers",
                                               lambda m, h: m.lm_head(h)))
+
+AutoConfig.register(MargeConfig.model_type, MargeConfig, exist_ok=True)
+AutoModel.register(MargeConfig, MargeModel, exist_ok=True)
