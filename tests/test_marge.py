@@ -39,12 +39,14 @@ def batch(B=3, K=4, T=10, L=12, seed=0):
     return ids, mask, ev, ev_mask, labels
 
 
-def test_top_k_equals_brute_force_cosine():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_top_k_equals_brute_force_cosine(backend):
+    if backend == "faiss": pytest.importorskip("faiss")
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(300, 16), dim=-1)
     hashes = np.arange(300) % 290                                 # rows i and i+290 are "duplicates"
     groups = np.arange(300) // 3                                  # chunks of one document, three each
-    idx, val = top_k_neighbours(emb, 5, hashes, groups, block=37)
+    idx, val = top_k_neighbours(emb, 5, hashes, groups, block=37, backend=backend)
     sim = (emb @ emb.T).numpy()
     bad = (hashes[:, None] == hashes[None]) | (groups[:, None] == groups[None])
     sim[bad] = -np.inf
@@ -54,11 +56,13 @@ def test_top_k_equals_brute_force_cosine():
     assert not bad[np.arange(300)[:, None], idx.numpy()].any()
 
 
-def test_top_k_searches_again_when_candidates_run_out():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_top_k_searches_again_when_candidates_run_out(backend):
     "A row whose nearest candidates are all duplicates of itself still gets k allowed neighbours."
+    if backend == "faiss": pytest.importorskip("faiss")
     emb = torch.nn.functional.normalize(torch.cat([torch.ones(30, 4) + 1e-3 * torch.randn(30, 4), torch.randn(10, 4)]), dim=-1)
     hashes = np.r_[np.zeros(30, np.int64), np.arange(1, 11)]     # the 30 near-identical rows are duplicates
-    idx, _ = top_k_neighbours(emb, 3, hashes)
+    idx, _ = top_k_neighbours(emb, 3, hashes, backend=backend)
     assert (idx[:30] >= 30).all()
     with pytest.raises(UlmfitError, match="neighbours asked"): top_k_neighbours(emb[:3], 3)
 

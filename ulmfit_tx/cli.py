@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-layers", type=int, default=2, help="decoder layers with self-attention only")
     p.add_argument("--cross-layers", type=int, default=2, help="then decoder layers with cross-attention over the evidence")
     p.add_argument("--same-doc", action="store_true", help="allow evidence from the target's own document (other chunks)")
+    p.add_argument("--index", default="torch", choices=["torch", "faiss"],
+                   help="exact nearest-neighbour search: blocked matrix products in torch, or faiss (when installed)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs training the new decoder on the frozen encoder")
     p.add_argument("--epochs", type=int, default=1, help="then epochs training everything")
     p.add_argument("--lr", type=float, default=3e-3, help="warm-up learning rate; everything trains at lr/3")
@@ -332,7 +334,8 @@ def pretrain_marge(a):
     _seed(a.seed)
     tfm = HFTokenizer(a.model, a.max_len)
     store = as_store(a.data, tfm, a.cache, text_col=a.text_col, docs=a.docs, unk=tfm.tok.unk_token, max_docs=a.max_docs)
-    dls = marge_dataloaders(store, tfm.tok, a.max_len, a.evidence, a.valid_pct, a.bs, a.seed, exclude_same_doc=not a.same_doc)
+    dls = marge_dataloaders(store, tfm.tok, a.max_len, a.evidence, a.valid_pct, a.bs, a.seed, exclude_same_doc=not a.same_doc,
+                            backend=a.index)
     hist = LossHistory()
     decoder = {} if _is_marge(a.model) else dict(self_layers=a.self_layers, cross_layers=a.cross_layers,
                                                  **({"retrieval_layer": a.retrieval_layer} if a.retrieval_layer else {}))

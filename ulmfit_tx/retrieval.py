@@ -107,19 +107,21 @@ def top_k_neighbours(
     hashes: np.ndarray | None = None,         # (N,) content hashes: rows with equal hashes never retrieve each other
     groups: np.ndarray | None = None,         # (N,) source ids: rows of one group never retrieve each other
     block: int | None = None,                 # Query rows per matrix product (default: about 16M scores at a time)
+    backend: str = "torch",                   # "torch": blocked matrix products; "faiss": an exact inner-product index
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by cosine, each row against all rows, one block of queries at a time; never a row itself, its
     duplicates or its group. Returns indices (N, k) and scores (N, k), best first. The top `k + extra` candidates of
     a block are filtered; a row left short (many duplicates or a big group) is searched again with every exclusion
     masked over all N."""
+    if backend not in ("torch", "faiss"): raise UlmfitError(f"backend must be 'torch' or 'faiss', not {backend!r}")
     N, dev = len(emb), emb.device
     hashes = None if hashes is None else torch.as_tensor(hashes, device=dev)
     groups = None if groups is None else torch.as_tensor(groups, device=dev)
-    allowed_max = N - 1 if groups is None else N - int(torch.unique(groups, return_counts=True)[1].max())
-    if k > allowed_max: raise UlmfitError(f"{k} neighbours asked, but a chunk has only {allowed_max} others to retrieve "
+    biggest = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+    if k > N - biggest: raise UlmfitError(f"{k} neighbours asked, but a chunk has only {N - biggest} others to retrieve "
                                           "(fewer evidence documents, or more documents)")
-    block = block or max(1, min(N, 2**24 // N))
-    extra = 8 if groups is None else 8 + int(torch.unique(groups, return_counts=True)[1].max())
+    block, c = block or max(1, min(N, 2**24 // N)), min(N, k + 8 + biggest)   # rows per block, candidates per row
+    search = _faiss_search(emb, c) if backend == "faiss" else lambda q: (q @ emb.T).topk(c, dim=1)  # -> (b, c) each
     idx, val = torch.empty(N, k, dtype=torch.long, device=dev), torch.empty(N, k, device=dev)
 
     def excluded(rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:   # (b,) x (b, c) -> (b, c) bool
@@ -130,17 +132,30 @@ def top_k_neighbours(
 
     for s in range(0, N, block):
         rows = torch.arange(s, min(s + block, N), device=dev)
-        sc = emb[rows] @ emb.T                                            # (b, N) cosines
-        cv, ci = sc.topk(min(N, k + extra), dim=1)                        # (b, c) candidates
+        cv, ci = search(emb[rows])                                        # (b, c) candidates
         v, j = cv.masked_fill(excluded(rows, ci), float("-inf")).topk(k, dim=1)
         i = ci.gather(1, j)
         short = ~torch.isfinite(v).all(1)                                 # rows whose candidates ran out
         if short.any():
             r = rows[short]
             full = excluded(r, torch.arange(N, device=dev).expand(len(r), N))
-            v[short], i[short] = sc[short].masked_fill(full, float("-inf")).topk(k, dim=1)
+            v[short], i[short] = (emb[r] @ emb.T).masked_fill(full, float("-inf")).topk(k, dim=1)
         idx[rows], val[rows] = i, v
     return idx, val
+
+
+def _faiss_search(emb: torch.Tensor, c: int):
+    "An exact inner-product faiss index of `emb`: returns search(queries) -> the top `c` (scores, indices) as tensors."
+    try: import faiss
+    except ImportError: raise UlmfitError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu), or use "
+                                          "backend='torch'") from None
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb.float().cpu().numpy())
+
+    def search(q: torch.Tensor):
+        v, i = index.search(q.float().cpu().numpy(), c)
+        return torch.from_numpy(v).to(emb), torch.from_numpy(i).to(emb.device)
+    return search
 
 
 class Retriever:
@@ -151,8 +166,9 @@ class Retriever:
         chunks: Chunks,                 # Targets and evidence candidates
         k: int = 4,                     # Evidence documents per target
         exclude_same_doc: bool = True,  # A chunk never retrieves another chunk of its own document
+        backend: str = "torch",         # Nearest-neighbour search: "torch" (blocked matrix products) or "faiss"
     ):
-        self.chunks, self.k, self.exclude_same_doc = chunks, k, exclude_same_doc
+        self.chunks, self.k, self.exclude_same_doc, self.backend = chunks, k, exclude_same_doc, backend
         self.neighbours = self.scores = None                              # (N, k) each, after `reindex`
 
     def reindex(self, model, bs: int = 128, progress: bool = True) -> dict:
@@ -160,7 +176,8 @@ class Retriever:
         t0 = time.perf_counter()
         emb = embed_chunks(model, self.chunks, bs, progress)
         t1 = time.perf_counter()
-        idx, val = top_k_neighbours(emb, self.k, self.chunks.hashes(), self.chunks.doc if self.exclude_same_doc else None)
+        idx, val = top_k_neighbours(emb, self.k, self.chunks.hashes(), self.chunks.doc if self.exclude_same_doc else None,
+                                    backend=self.backend)
         old, self.neighbours, self.scores = self.neighbours, idx.cpu().numpy(), val.cpu().numpy()
         same_doc = self.chunks.doc[self.neighbours] == self.chunks.doc[:, None]
         changed = None if old is None else float(np.mean([len(set(a) - set(b)) for a, b in zip(self.neighbours, old)]) / self.k)
@@ -233,6 +250,7 @@ def marge_dataloaders(
     seed: int = 42,                # Seed of the split
     exclude_same_doc: bool = True, # Never retrieve a chunk of the target's own document
     split_docs: bool = True,       # Cut long documents into chunks; False: each document's first `max_len` tokens only
+    backend: str = "torch",        # Nearest-neighbour search: "torch" (blocked matrix products) or "faiss" (when installed)
     text_col: str = "text",        # Column with the texts (DataFrame or file)
     docs: str = "lines",           # For a .txt corpus: a document is a line, a file, or a WikiText article
     cache=None,                    # Token store cache for a file source (None: the default cache; False: none)
@@ -243,7 +261,7 @@ def marge_dataloaders(
     tfm = HFTokenizer(tokenizer, max_len)
     store = as_store(source, tfm, cache, text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
     chunks = Chunks(store, tfm, split_docs=split_docs)
-    retriever = Retriever(chunks, k, exclude_same_doc)
+    retriever = Retriever(chunks, k, exclude_same_doc, backend)
     _, valid_docs = random_split(len(store), valid_pct, seed)
     held = np.isin(chunks.doc, valid_docs)
     train, valid = np.flatnonzero(~held), np.flatnonzero(held)
