@@ -74,3 +74,18 @@ def test_distributed_benchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "distributed_smoke.json").read_text())["rows"]
     assert [r["procs"] for r in rows] == [1, 2] and all(r["samples_per_s"] > 0 for r in rows)
     assert "| clf | 2 × 1 |" in out
+
+
+@needs_imdb
+def test_marge_benchmark_smoke(tmp_path):
+    out = _run([ROOT / "bench" / "marge.py", "--parts", "index,wiki,imdb", "--index-sizes", "60,120", "--index-max-len", 32,
+                "--wiki-articles", 2, "--wiki-max-len", 32, "--adapt-texts", 24, "--labels", 16, "--seeds", 1, "--n-test", 20,
+                "--clf-max-len", 32, "--work", tmp_path / "work", "--tag", "smoke"], tmp_path)
+    index = json.loads((tmp_path / "marge_index_smoke.json").read_text())["results"]
+    assert [r["n"] for r in index] == [60, 120] and all(r["embed_s"] > 0 and r["peak_mb"] > 0 for r in index)
+    wiki = json.loads((tmp_path / "marge_wiki_smoke.json").read_text())["results"]
+    assert all(0 <= wiki[k][0] <= 1 for k in ("init", "tfidf", "trained")) and 0 < wiki["chance"] < 1
+    imdb = json.loads((tmp_path / "marge_imdb_smoke.json").read_text())["results"]
+    assert {r["method"] for r in imdb["rows"]} == {"TF-IDF + logistic regression", "MiniLM, no adaptation", "MiniLM + MLM",
+                                                    "MiniLM + Marge"}
+    assert "| MiniLM + Marge |" in out

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact nearest-neighbour search: blocked matrix products in torch, or faiss (when installed)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs training the new decoder on the frozen encoder")
     p.add_argument("--epochs", type=int, default=1, help="then epochs training everything")
-    p.add_argument("--lr", type=float, default=3e-3, help="warm-up learning rate; everything trains at lr/3")
+    p.add_argument("--lr", type=float, default=3e-3, help="warm-up learning rate; then the decoder trains at lr/3")
+    p.add_argument("--encoder-div", type=float, help="after the warm-up the encoder trains this many times slower than the "
+                   "decoder (default 10; 1 with --from-config)")
     p.add_argument("--bs", type=int, default=8, help="targets per batch")
     p.add_argument("--valid-pct", type=float, default=0.05, help="share of documents whose chunks are held-out targets")
     p.add_argument("--seed", type=int, default=42)
@@ -340,11 +342,13 @@ def pretrain_marge(a):
     decoder = {} if _is_marge(a.model) else dict(self_layers=a.self_layers, cross_layers=a.cross_layers,
                                                  **({"retrieval_layer": a.retrieval_layer} if a.retrieval_layer else {}))
     learn = marge_learner(dls, a.model, a.from_config, a.reindex_every, a.precision, cbs=[hist, ckpt], **decoder)
-    loss, beta = _train(learn, marge_stages(a.lr, a.warmup_epochs, a.epochs))
+    encoder_div = a.encoder_div or (1.0 if a.from_config else 10.0)
+    loss, beta = _train(learn, marge_stages(a.lr, a.warmup_epochs, a.epochs, encoder_div=encoder_div))
     n_train = len(dls.train_ds)
     metrics = dict(valid_loss=loss, beta=beta, retrieval_layer=learn.model.hf.config.retrieval_layer, evidence=a.evidence,
                    n_chunks=len(dls.train.retriever.chunks), n_train_targets=n_train, n_valid_targets=len(dls.valid_ds),
-                   warmup_epochs=a.warmup_epochs, epochs=a.epochs, lr=a.lr, max_len=a.max_len, per_epoch=hist.epochs,
+                   warmup_epochs=a.warmup_epochs, epochs=a.epochs, lr=a.lr, encoder_div=encoder_div, max_len=a.max_len,
+                   per_epoch=hist.epochs,
                    reindex=learn.reindexer.history, **_times(hist, (a.warmup_epochs + a.epochs) * n_train))
     with _finishing(ckpt, a.keep_checkpoints), atomic_dir(a.out, a.force) as tmp:
         learn.save_pretrained(tmp / "encoder")
@@ -476,7 +480,7 @@ def _check_args(a):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
     names = ("max_len", "bs", "epochs", "lr", "max_rows", "max_docs", "vocab_size", "layers", "hidden", "heads", "top_k",
-             "div", "checkpoint_steps", "evidence", "reindex_every", "retrieval_layer", "cross_layers")
+             "div", "checkpoint_steps", "encoder_div", "evidence", "reindex_every", "retrieval_layer", "cross_layers")
     check_positive(**{n: getattr(a, n) for n in names if hasattr(a, n)})
 
 

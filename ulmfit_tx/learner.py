@@ -304,11 +304,13 @@ def fit_ulmfit(
     return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)
 
 
-def marge_stages(lr: float = 3e-3, warmup_epochs: int = 1, epochs: int = 1, div: float = 3.0) -> list[Stage]:
-    """Marge's schedule: the decoder alone on the frozen encoder (`warmup_epochs` at `lr`), then every layer
-    (`epochs` at `lr / div`). Without the warm-up, a new decoder that cannot yet use its evidence sends the retriever
-    noise, and its neighbours degrade (bench/README.md, Marge)."""
-    return ([Stage(1, warmup_epochs, lr)] if warmup_epochs else []) + [Stage(None, epochs, lr / div)]
+def marge_stages(lr: float = 3e-3, warmup_epochs: int = 1, epochs: int = 1, div: float = 3.0,
+                 encoder_div: float = 10.0) -> list[Stage]:
+    """Marge's schedule: the decoder alone on the frozen encoder (`warmup_epochs` at `lr`), then every layer for
+    `epochs`, the decoder at `lr / div` and the encoder `encoder_div` times lower (1: the same rate; suits an encoder
+    trained from nothing). Without the warm-up, a new decoder that cannot yet use its evidence sends the retriever
+    noise, and its neighbours degrade (README, Marge)."""
+    return ([Stage(1, warmup_epochs, lr)] if warmup_epochs else []) + [Stage(None, epochs, lr / div, encoder_div)]
 
 
 def fit_marge(
@@ -316,8 +318,9 @@ def fit_marge(
     lr: float = 3e-3,              # Learning rate of the warm-up
     warmup_epochs: int = 1,        # Epochs training the decoder alone (0: none)
     epochs: int = 1,               # Epochs training everything
-    div: float = 3.0,              # The second stage's rate is `lr / div`
+    div: float = 3.0,              # The second stage's decoder rate is `lr / div`
+    encoder_div: float = 10.0,     # ...and its encoder's rate `encoder_div` times lower still (1 for a fresh encoder)
     **kwargs,                      # Passed to `fit_one_cycle`
 ) -> Learner:
     "`marge_stages` with `fit_stages` (one `fit_one_cycle` per stage; resumable with a `CheckpointCallback`)."
-    return fit_stages(learn, marge_stages(lr, warmup_epochs, epochs, div), **kwargs)
+    return fit_stages(learn, marge_stages(lr, warmup_epochs, epochs, div, encoder_div), **kwargs)

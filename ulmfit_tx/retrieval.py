@@ -19,6 +19,7 @@ from fastai.torch_core import display_df
 from fastprogress.fastprogress import progress_bar
 
 from .data import random_split
+from .distributed import unwrap
 from .errors import UlmfitError
 from .store import TokenStore, as_store
 from .tokenize import HFTokenizer
@@ -225,7 +226,7 @@ class EvidenceDL(DataLoader):
 
     def new(self, dataset=None, cls=None, **kwargs):
         kw = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, device=self.device) | kwargs
-        return EvidenceDL(self.retriever, (dataset or self.dataset).idx, **kw)
+        return EvidenceDL(self.retriever, (self.dataset if dataset is None else dataset).idx, **kw)
 
     def show_batch(self, max_n: int = 4, show: bool = True, **kwargs) -> pd.DataFrame:
         "The first `max_n` targets beside their current evidence and its relevance, as a table."
@@ -294,8 +295,9 @@ class Reindexer(Callback):
 
     def rebuild(self):
         "Rebuild now (also `learn.reindex()`)."
-        stats = self.learn.dls.train.retriever.reindex(self.learn.model.hf, self.bs, self.progress)
-        stats = {"step": self.steps, **stats, "beta": self.learn.model.hf.beta.item()}
+        model = unwrap(self.learn.model).hf                              # (inside DistributedDataParallel when distributed)
+        stats = self.learn.dls.train.retriever.reindex(model, self.bs, self.progress)
+        stats = {"step": self.steps, **stats, "beta": model.beta.item()}
         self.history.append(stats)
         if self.progress:
             print(f"reindex at step {stats['step']}: {stats['n_chunks']:,} chunks embedded in {stats['embed_s']:.1f}s, "
@@ -307,7 +309,7 @@ class Beta(Metric):
     "The relevance scale beta of the Marge model (a learned scalar), logged with the metrics."
 
     def reset(self): self.beta = None
-    def accumulate(self, learn): self.beta = learn.model.hf.beta.item()
+    def accumulate(self, learn): self.beta = unwrap(learn.model).hf.beta.item()
 
     @property
     def value(self): return self.beta

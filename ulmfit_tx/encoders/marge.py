@@ -123,7 +123,8 @@ class MargeModel(EncoderPreTrainedModel):
         from . import MEMORY_MODEL_TYPES
         ec = config.encoder_config()
         if ec.model_type in MEMORY_MODEL_TYPES or ec.model_type == config.model_type:
-            raise ValueError(f"a {ec.model_type!r} encoder cannot be Marge's encoder (it reads segment by segment)")
+            why = "it reads segment by segment" if ec.model_type in MEMORY_MODEL_TYPES else "it has no encoder layers of its own"
+            raise ValueError(f"a {ec.model_type!r} model cannot be Marge's encoder ({why})")
         spec = ARCHS.get(ec.model_type)
         self.encoder = AutoModel.from_config(ec, **({"add_pooling_layer": False} if spec and spec.has_pooler else {}))
         n = ec.num_hidden_layers
