@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -222,6 +221,7 @@ def test_marge_learns_to_retrieve_paraphrase_sources(tmp_path):
     retrieved = learn.validate()[0]
     r.neighbours = np.random.default_rng(0).integers(0, 2 * n, r.neighbours.shape)
     random_ev = _loss_without_reindex(learn)
+    print(f"held-out reconstruction loss: {retrieved:.3f} with retrieved evidence, {random_ev:.3f} with random evidence")
     assert retrieved < random_ev - 0.5, (retrieved, random_ev)
 
 
