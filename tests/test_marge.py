@@ -250,4 +250,6 @@ def test_pretrain_marge_cli_then_train_clf(tiny_models, tmp_path, sample_df):
     # wrong settings are refused before any work
     assert main(["pretrain-marge", "--data", str(data), "--model", str(tiny_models["bert"]), "--out", str(tmp_path / "x"),
                  "--retrieval-layer", "5"]) == 2
+    with pytest.raises(UlmfitError, match="k=5000 evidence chunks asked"):
+        marge_dataloaders(str(data), tiny_models["bert"], max_len=32, k=5000)
     assert not (tmp_path / "x").exists()

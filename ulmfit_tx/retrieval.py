@@ -262,6 +262,10 @@ def marge_dataloaders(
     tfm = HFTokenizer(tokenizer, max_len)
     store = as_store(source, tfm, cache, text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
     chunks = Chunks(store, tfm, split_docs=split_docs)
+    others = len(chunks) - (int(np.bincount(chunks.doc).max()) if exclude_same_doc else 1)
+    if not 1 <= k <= others:
+        raise UlmfitError(f"k={k} evidence chunks asked, but {len(store)} documents ({len(chunks)} chunks) leave a target "
+                          f"{others} others to retrieve: lower k (--evidence) or add texts")
     retriever = Retriever(chunks, k, exclude_same_doc, backend)
     _, valid_docs = random_split(len(store), valid_pct, seed)
     held = np.isin(chunks.doc, valid_docs)
