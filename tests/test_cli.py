@@ -174,7 +174,9 @@ def test_bad_model_and_options(tiny_models, csv, tmp_path, capsys):
                   "--valid-col", "split")
     assert rc == 2 and "missing column 'split'" in err
     rc, err = run("predict", "--model", tmp_path, "--text", "hi")
-    assert rc == 2 and "no export.pkl" in err
+    assert rc == 2 and "not a ulmfit_tx bundle" in err
+    rc, err = run("predict", "--model", tmp_path / "nope", "--text", "hi")
+    assert rc == 2 and "no such model folder" in err
     rc, err = run("fill-mask", "--model", tiny_models["bert"], "no mask here")
     assert rc == 2 and "no mask" in err
 

@@ -7,9 +7,10 @@ from .checkpoint import CheckpointCallback, Interrupted, Position
 from .errors import UlmfitError
 from . import encoders  # noqa: F401 (registers scratch, memxl, compressive and marge with the Auto classes)
 from .encoders import CompressiveConfig, MargeConfig, MargeModel, MemXLConfig, ScratchConfig
+from .export import export_bundle, is_bundle, read_bundle
 from .io import iter_chunks, iter_corpus, read_corpus, read_data, read_folder, read_table
 from .learner import (LAYER_DIV, ClassifierLearner, MargeLearner, MLMLearner, Stage, classifier_learner, fit_marge, fit_stages,
-                      fit_ulmfit, marge_learner, marge_stages,
+                      fit_ulmfit, load_classifier, marge_learner, marge_stages,
                       mlm_learner, set_precision, ulmfit_lrs, ulmfit_stages)
 from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, BlockView, DocView, mask_tokens, mlm_dataloaders, mlm_loss

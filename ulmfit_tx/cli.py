@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ULMFiT concat-pooling head, or the architecture's own (also saved as a HF folder)")
 
     p = sub.add_parser("predict", help="labels and probabilities from an exported classifier")
-    p.add_argument("--model", required=True, help="folder written by train-clf (holds export.pkl)")
+    p.add_argument("--model", required=True, help="folder written by train-clf (a bundle: config, safetensors, tokenizer, "
+                   "ulmfit_tx.json), or learn.export_bundle")
+    p.add_argument("--trust-pickle", action="store_true", help="load a folder's export.pkl when it has no bundle: a pickle "
+                   "runs any code its author put in it, so only for files you made or trust")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV/parquet file of texts, or a token store made with the model's tokenizer")
     src.add_argument("--text", action="append", help="a text (repeat for several)")
@@ -374,6 +377,7 @@ def train_clf(a):
     from fastai.torch_core import num_distrib
 
     from .learner import LAYER_DIV, Stage, classifier_learner, ulmfit_stages
+    from .export import write_bundle
     from .plots import ConfusionCounts, LossHistory, plot_confusion_matrix, plot_losses
     _check_args(a)
     check_out_dir(a.out, a.force)
@@ -398,7 +402,8 @@ def train_clf(a):
             (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
         if not main: return metrics
         learn.path = tmp
-        learn.export("export.pkl")
+        learn.export("export.pkl")                                        # for fastai's load_learner
+        write_bundle(learn.model, learn.tokenizer, list(dls.vocab), tmp)  # what predict loads: no pickle
         _write_json(tmp / "metrics.json", metrics)
         plot_losses(hist, tmp / "loss.png")
         plot_confusion_matrix(counts.counts, dls.vocab, tmp / "confusion_matrix.png")
@@ -418,22 +423,26 @@ def _clf_max_len(model) -> int:
     return min(2048, config.max_position_embeddings) if config.model_type in MEMORY_MODEL_TYPES else 256
 
 
-def _load_export(folder):
+def _load_classifier(folder, trust_pickle: bool = False):
+    """The bundle in `folder` (nothing unpickled); only with --trust-pickle, and only when there is no bundle, its
+    export.pkl through fastai's `load_learner`."""
+    from .export import is_bundle
+    from .learner import load_classifier
+    pkl = Path(folder) / "export.pkl" if Path(folder).is_dir() else Path(folder)
+    if is_bundle(folder) or not trust_pickle or not pkl.is_file() or not pkl.name.endswith(".pkl"): return load_classifier(folder)
     from fastai.learner import load_learner
 
     from .errors import UlmfitError
-    path = Path(folder) / "export.pkl" if Path(folder).is_dir() else Path(folder)
-    if not path.exists(): raise UlmfitError(f"{folder}: no export.pkl (write one with train-clf or learn.export())")
     try:
-        with warnings.catch_warnings():  # fastai warns that pickles run code: this is the user's own export
+        with warnings.catch_warnings():  # fastai warns that pickles run code: the user said they trust this one
             warnings.simplefilter("ignore")
-            return load_learner(path)
-    except Exception as e: raise UlmfitError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+            return load_learner(pkl)
+    except Exception as e: raise UlmfitError(f"{pkl}: cannot be loaded ({type(e).__name__}: {e})") from None
 
 
 def predict(a):
     from .io import read_data
-    learn = _load_export(a.model)
+    learn = _load_classifier(a.model, a.trust_pickle)
     if a.text is not None:
         res = learn.predict_texts(a.text)
         res.insert(0, "text", [t if len(t) <= 60 else t[:57] + "..." for t in a.text])

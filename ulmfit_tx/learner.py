@@ -9,7 +9,10 @@ import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp1
 import numpy as np
 import pandas as pd
 import torch
+from fastai.data.core import Datasets
+from fastai.data.transforms import Categorize, ColReader
 from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import norm_types
 from fastcore.foundation import L
@@ -19,7 +22,9 @@ from .archs import clas_splitter, lm_splitter, marge_splitter, max_positions
 from .checkpoint import CheckpointCallback, Position
 from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES
+from .data import PadTokens, TokenSortedDL
 from .errors import UlmfitError, check_max_len
+from .export import export_bundle, read_bundle
 from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
@@ -30,7 +35,7 @@ from .store import TokenStore
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
-           "ClassifierLearner", "MargeLearner", "mlm_learner", "classifier_learner", "marge_learner", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
+           "ClassifierLearner", "MargeLearner", "mlm_learner", "classifier_learner", "marge_learner", "load_classifier", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
            "fit_ulmfit", "marge_stages", "fit_marge"]
 
 
@@ -115,6 +120,11 @@ class ClassifierLearner(HFLearner):
         out.insert(0, "label", [vocab[i] for i in probs.argmax(1).tolist()])
         return out
 
+    def export_bundle(self, path, force: bool = False) -> Path:
+        """The classifier as a bundle folder that `load_classifier` reads without unpickling anything (config, weights
+        in safetensors, tokenizer, `ulmfit_tx.json`); `export()` stays for fastai's `load_learner`."""
+        return export_bundle(self.model, self.tokenizer, list(self.dls.vocab), path, force)
+
     def save_pretrained(self, path, force: bool = False) -> Path:
         "A Hugging Face folder loadable by `AutoModelForSequenceClassification` (native head only)."
         if self.model.head is not None:
@@ -142,6 +152,25 @@ class MargeLearner(HFLearner):
     def save_marge(self, path, force: bool = False) -> Path:
         "The whole Marge model (encoder, decoder, beta) and the tokenizer, to continue training with `marge_learner`."
         return super().save_pretrained(path, force)
+
+
+def load_classifier(
+    path,                     # A bundle folder (train-clf's output, or `learn.export_bundle`)
+    bs: int = 64,             # Batch size of `predict_texts` and `get_preds`
+    device=None,              # Default: a GPU if there is one
+) -> ClassifierLearner:
+    """An inference `ClassifierLearner` rebuilt from a bundle without unpickling: `predict`, `predict_texts`,
+    `get_preds(dl=learn.dls.test_dl(...))` and `show_results` on new labelled data work as on the learner that wrote it."""
+    model, tfm, classes = read_bundle(path)
+    tfm.text_col = "text"   # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
+    row = pd.DataFrame({"text": [""], "label": [classes[0]]})
+    dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), Categorize(vocab=classes, sort=False)]], splits=[[0], [0]])
+    dls = dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
+                            device=device).new_empty()
+    learn = ClassifierLearner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                              cbs=_callbacks(dls, model, None))
+    learn.model.eval()
+    return learn
 
 
 def _check_len(tfm: HFTokenizer, model):

@@ -141,6 +141,7 @@ class PoolingClassifierHead(nn.Module):
         super().__init__()
         lin_ftrs = [50] if lin_ftrs is None else list(lin_ftrs)
         ps = [0.1] * len(lin_ftrs) if ps is None else list(ps)
+        self.config = dict(hidden=hidden, n_out=n_out, lin_ftrs=lin_ftrs, ps=ps, output_p=output_p)  # rebuilds it (bundles)
         dims, ps = [hidden * 3] + lin_ftrs + [n_out], [output_p] + ps
         acts = [nn.ReLU(inplace=True)] * len(lin_ftrs) + [None]
         self.layers = nn.Sequential(*[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)])
