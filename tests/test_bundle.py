@@ -86,6 +86,9 @@ def test_broken_bundles_are_refused_with_what_is_wrong(trained, tiny_models, tmp
     with pytest.raises(UlmfitError, match="bundle format 99"):
         load_classifier(broken("future", lambda p: (p / "ulmfit_tx.json").write_text(
             json.dumps({**json.loads((good / "ulmfit_tx.json").read_text()), "format": 99}))))
+    with pytest.raises(UlmfitError, match="incomplete .no tokenizer_fingerprint"):
+        load_classifier(broken("old", lambda p: (p / "ulmfit_tx.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((good / "ulmfit_tx.json").read_text()).items() if k != "tokenizer_fingerprint"}))))
     other = trained["native"].export_bundle(tmp_path / "other")       # the same encoder without the pooling head
     with pytest.raises(UlmfitError, match="model.safetensors does not fit"):
         load_classifier(broken("other_weights", lambda p: shutil.copy(other / "model.safetensors", p / "model.safetensors")))

@@ -69,6 +69,9 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
     except ValueError as e: raise UlmfitError(f"{p / META_FILE}: unreadable ({e})") from None
     if meta.get("format") != BUNDLE_FORMAT:
         raise UlmfitError(f"{path}: bundle format {meta.get('format')!r}; this ulmfit_tx reads format {BUNDLE_FORMAT}")
+    missing = [k for k in ("head", "pooling", "classes", "max_len", "truncate", "head_frac", "vocab_size",
+                           "tokenizer_fingerprint") if k not in meta]
+    if missing: raise UlmfitError(f"{p / META_FILE}: incomplete (no {', '.join(missing)}); export the bundle again")
     for f in ("config.json", WEIGHTS_FILE):
         if not (p / f).is_file(): raise UlmfitError(f"{path}: the bundle has no {f}")
     try:
