@@ -294,8 +294,7 @@ def _save_mlm(learn, hist, metrics: dict, a):
     from .distributed import rank0_only
     with rank0_only() as main, (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:
         if not main: return
-        learn.model.hf.save_pretrained(tmp)
-        learn.tokenizer.tok.save_pretrained(tmp)
+        learn.write_pretrained(tmp)
         _write_json(tmp / "metrics.json", metrics)
         plot_losses(hist, tmp / "loss.png")
 
@@ -354,10 +353,8 @@ def pretrain_marge(a):
                    per_epoch=hist.epochs,
                    reindex=learn.reindexer.history, **_times(hist, (a.warmup_epochs + a.epochs) * n_train))
     with _finishing(ckpt, a.keep_checkpoints), atomic_dir(a.out, a.force) as tmp:
-        learn.save_pretrained(tmp / "encoder")
-        for f in (tmp / "encoder").iterdir(): f.rename(tmp / f.name)   # OUT is the encoder folder train-clf reads
-        (tmp / "encoder").rmdir()
-        learn.save_marge(tmp / "marge")
+        learn.write_pretrained(tmp)                                      # OUT is the encoder folder train-clf reads
+        learn.write_pretrained(tmp / "marge", learn.model.hf)            # the whole model, to continue training
         _write_json(tmp / "metrics.json", metrics)
         plot_losses(hist, tmp / "loss.png")
     _say(f"Marge: held-out reconstruction loss {loss:.4f}, beta {beta:.2f}, {metrics['train_time_s']:.0f}s -> {a.out} "
@@ -408,8 +405,7 @@ def train_clf(a):
         plot_losses(hist, tmp / "loss.png")
         plot_confusion_matrix(counts.counts, dls.vocab, tmp / "confusion_matrix.png")
         if a.head == "native":
-            learn.model.hf.save_pretrained(tmp / "hf")
-            learn.tokenizer.tok.save_pretrained(tmp / "hf")
+            learn.write_pretrained(tmp / "hf")
     _say(f"classifier: validation accuracy {acc:.4f} ({len(dls.valid_ds)} rows), "
           f"{sum(epochs)} passes in {metrics['train_time_s']:.0f}s -> {a.out}")
     return metrics
@@ -428,8 +424,8 @@ def _load_classifier(folder, trust_pickle: bool = False):
     export.pkl through fastai's `load_learner`."""
     from .export import is_bundle
     from .learner import load_classifier
-    pkl = Path(folder) / "export.pkl" if Path(folder).is_dir() else Path(folder)
-    if is_bundle(folder) or not trust_pickle or not pkl.is_file() or not pkl.name.endswith(".pkl"): return load_classifier(folder)
+    pkl = Path(folder) / "export.pkl"
+    if is_bundle(folder) or not (trust_pickle and pkl.is_file()): return load_classifier(folder)
     from fastai.learner import load_learner
 
     from .errors import UlmfitError

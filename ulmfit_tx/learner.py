@@ -21,7 +21,7 @@ from torch import nn
 from .archs import clas_splitter, lm_splitter, marge_splitter, max_positions
 from .checkpoint import CheckpointCallback, Position
 from .distributed import ShardedTrainer, is_rank0
-from .encoders import MEMORY_MODEL_TYPES
+from .encoders import MEMORY_MODEL_TYPES, MargeConfig
 from .data import PadTokens, TokenSortedDL
 from .errors import UlmfitError, check_max_len
 from .export import export_bundle, read_bundle
@@ -86,11 +86,15 @@ class HFLearner(Learner):
         if not is_rank0() and not hasattr(self, "progress"): self.add_cb(ProgressCallback())
         return self
 
-    def save_pretrained(self, path, force: bool = False) -> Path:
-        "Write the model and tokenizer as a Hugging Face folder (safetensors), atomically."
-        with atomic_dir(path, force) as tmp:
-            self.model.hf.save_pretrained(tmp)
-            self.tokenizer.tok.save_pretrained(tmp)
+    def write_pretrained(self, folder, model=None) -> Path:
+        "Write `model` (default: the learner's Hugging Face model) and the tokenizer into `folder` (safetensors)."
+        (self.model.hf if model is None else model).save_pretrained(folder)
+        self.tokenizer.tok.save_pretrained(folder)
+        return Path(folder)
+
+    def save_pretrained(self, path, force: bool = False, model=None) -> Path:
+        "`write_pretrained` into a new folder `path`, atomically (refused if it exists, unless `force`)."
+        with atomic_dir(path, force) as tmp: self.write_pretrained(tmp, model)
         return Path(path)
 
 
@@ -142,16 +146,13 @@ class MargeLearner(HFLearner):
         self.reindexer.rebuild()
         return self.reindexer.history[-1]
 
-    def save_pretrained(self, path, force: bool = False) -> Path:
-        "The encoder and the tokenizer as a Hugging Face folder (safetensors), atomically."
-        with atomic_dir(path, force) as tmp:
-            self.model.hf.encoder.save_pretrained(tmp)
-            self.tokenizer.tok.save_pretrained(tmp)
-        return Path(path)
+    def write_pretrained(self, folder, model=None) -> Path:
+        "Write `model` (default: the encoder) and the tokenizer into `folder`."
+        return super().write_pretrained(folder, self.model.hf.encoder if model is None else model)
 
     def save_marge(self, path, force: bool = False) -> Path:
         "The whole Marge model (encoder, decoder, beta) and the tokenizer, to continue training with `marge_learner`."
-        return super().save_pretrained(path, force)
+        return self.save_pretrained(path, force, self.model.hf)
 
 
 def load_classifier(
@@ -253,8 +254,8 @@ def marge_learner(
     """A fastai Learner that adapts an encoder to the corpus of `dls` with Marge: `fit_one_cycle`, `lr_find`, then
     `save_pretrained` for the classifier stage."""
     tfm = find_tokenizer(dls)
-    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ("retrieval_layer", "self_layers", "cross_layers", "beta_init",
-              "num_attention_heads", "intermediate_size", "hidden_dropout", "attn_dropout", "attn_layer_dropout", "ff_dropout")}
+    names = {k for cls in MargeConfig.__mro__ for k in getattr(cls, "__annotations__", {})}  # MargeConfig's fields
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     if not isinstance(model, MargeLM): model = marge_model(model, tfm.tok, from_config, **fields)
     check_max_len(tfm.max_len, min(max_positions(model.hf.encoder.config), model.hf.config.max_position_embeddings),
                   f"model type {model.hf.encoder.config.model_type!r}")
