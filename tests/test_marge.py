@@ -250,6 +250,8 @@ def test_pretrain_marge_cli_then_train_clf(tiny_models, tmp_path, sample_df):
     # wrong settings are refused before any work
     assert main(["pretrain-marge", "--data", str(data), "--model", str(tiny_models["bert"]), "--out", str(tmp_path / "x"),
                  "--retrieval-layer", "5"]) == 2
+    assert main(["pretrain-marge", "--data", str(data), "--model", str(out / "marge"), "--out", str(tmp_path / "x"),
+                 "--cross-layers", "3"]) == 2                          # a saved Marge model keeps its own decoder
     with pytest.raises(UlmfitError, match="k=5000 evidence chunks asked"):
         marge_dataloaders(str(data), tiny_models["bert"], max_len=32, k=5000)
     assert not (tmp_path / "x").exists()

@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence", type=int, default=4, help="evidence chunks per target")
     p.add_argument("--reindex-every", type=int, help="training steps between neighbour-table rebuilds (default: each stage's start)")
     p.add_argument("--retrieval-layer", type=int, help="encoder layers before the document embedding (default: half)")
-    p.add_argument("--self-layers", type=int, default=2, help="decoder layers with self-attention only")
-    p.add_argument("--cross-layers", type=int, default=2, help="then decoder layers with cross-attention over the evidence")
+    p.add_argument("--self-layers", type=int, help="decoder layers with self-attention only (default 2)")
+    p.add_argument("--cross-layers", type=int, help="then decoder layers with cross-attention over the evidence (default 2)")
     p.add_argument("--same-doc", action="store_true", help="allow evidence from the target's own document (other chunks)")
     p.add_argument("--index", default="torch", choices=["torch", "faiss"],
                    help="exact nearest-neighbour search: blocked matrix products in torch, or faiss (when installed)")
@@ -341,8 +341,7 @@ def pretrain_marge(a):
     dls = marge_dataloaders(store, tfm.tok, a.max_len, a.evidence, a.valid_pct, a.bs, a.seed, exclude_same_doc=not a.same_doc,
                             backend=a.index)
     hist = LossHistory()
-    decoder = {} if _is_marge(a.model) else dict(self_layers=a.self_layers, cross_layers=a.cross_layers,
-                                                 **({"retrieval_layer": a.retrieval_layer} if a.retrieval_layer else {}))
+    decoder = {k: getattr(a, k) for k in ("self_layers", "cross_layers", "retrieval_layer") if getattr(a, k) is not None}
     learn = marge_learner(dls, a.model, a.from_config, a.reindex_every, a.precision, cbs=[hist, ckpt], **decoder)
     encoder_div = a.encoder_div or (1.0 if a.from_config else 10.0)
     loss, beta = _train(learn, marge_stages(a.lr, a.warmup_epochs, a.epochs, encoder_div=encoder_div))
@@ -360,12 +359,6 @@ def pretrain_marge(a):
     _say(f"Marge: held-out reconstruction loss {loss:.4f}, beta {beta:.2f}, {metrics['train_time_s']:.0f}s -> {a.out} "
          f"(the encoder; the whole model in {Path(a.out) / 'marge'})")
     return metrics
-
-
-def _is_marge(model) -> bool:
-    from .encoders import MargeConfig
-    from .models import load_config
-    return load_config(model).model_type == MargeConfig.model_type
 
 
 def train_clf(a):
@@ -485,7 +478,7 @@ def _check_args(a):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
     names = ("max_len", "bs", "epochs", "lr", "max_rows", "max_docs", "vocab_size", "layers", "hidden", "heads", "top_k",
-             "div", "checkpoint_steps", "encoder_div", "evidence", "reindex_every", "retrieval_layer", "cross_layers")
+             "div", "checkpoint_steps", "encoder_div", "evidence", "reindex_every", "retrieval_layer", "self_layers", "cross_layers")
     check_positive(**{n: getattr(a, n) for n in names if hasattr(a, n)})
 
 

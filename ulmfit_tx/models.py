@@ -208,7 +208,8 @@ def marge_model(
     from .encoders import MargeConfig, MargeModel
     config = src if isinstance(src, PreTrainedConfig) else load_config(src)
     if config.model_type == MargeConfig.model_type:
-        if from_config or kwargs: raise UlmfitError(f"{src} is a Marge model already: its decoder settings are its own")
+        if from_config or kwargs: raise UlmfitError(f"{src} is a Marge model already: its decoder settings are its own "
+                                                    f"(not {', '.join(kwargs) or 'from_config'})")
         hf = load_hf(src)
     else:
         if config.model_type in MEMORY_MODEL_TYPES:
