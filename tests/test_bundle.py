@@ -43,6 +43,23 @@ def test_bundle_loads_in_a_fresh_process_with_identical_probabilities(trained, h
     with pytest.raises(UlmfitError, match="exists"): learn.export_bundle(path)
 
 
+@pytest.mark.parametrize("head", ["pooling", "native"])
+def test_bundle_is_a_hugging_face_folder_with_the_same_probabilities(trained, head, tmp_path):  # noqa: F811
+    "After `import ulmfit_tx`, the Auto class and pipeline('text-classification') read a bundle and agree with predict."
+    from transformers import AutoModelForSequenceClassification, pipeline
+    learn = trained[head]
+    path = learn.export_bundle(tmp_path / "bundle")
+    want = learn.predict_texts(TEXTS)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    assert type(model).__name__ == ("PoolingForSequenceClassification" if head == "pooling" else "RobertaForSequenceClassification")
+    pipe = pipeline("text-classification", model=str(path), device=-1)
+    got = pipe(TEXTS, top_k=None)
+    probs = torch.tensor([[{d["label"]: d["score"] for d in row}[str(c)] for c in learn.dls.vocab] for row in got])
+    torch.testing.assert_close(probs, torch.tensor(want.iloc[:, 1:].values, dtype=probs.dtype), rtol=0, atol=1e-5)
+    saved = learn.save_pretrained(tmp_path / "hf")                     # the same Hugging Face folder, without ulmfit_tx.json
+    assert AutoModelForSequenceClassification.from_pretrained(saved).config.id2label == model.config.id2label
+
+
 def test_memory_encoder_bundle(own_models, tmp_path):
     torch.manual_seed(0)
     learn = classifier_learner(clas_dataloaders(keyword_task(), own_models["memxl"], max_len=3 * SEGMENT, bs=8), own_models["memxl"])

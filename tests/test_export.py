@@ -76,11 +76,6 @@ def test_native_head_round_trips_through_a_hugging_face_folder(trained, tmp_path
     with pytest.raises(UlmfitError, match="exists"): learn.save_pretrained(tmp_path / "hf")
 
 
-def test_pooling_head_cannot_be_saved_as_a_hf_classifier(trained, tmp_path):
-    with pytest.raises(UlmfitError, match="head='native'"): trained["pooling"].save_pretrained(tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-
-
 def test_mlm_save_pretrained_round_trip(bert_dir, small_df, tmp_path):
     learn = mlm_learner(mlm_dataloaders(small_df, bert_dir, max_len=32, bs=8), bert_dir)
     learn.save_pretrained(tmp_path / "lm")

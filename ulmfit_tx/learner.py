@@ -24,7 +24,7 @@ from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES, MargeConfig
 from .data import PadTokens, TokenSortedDL
 from .errors import UlmfitError, check_max_len
-from .export import export_bundle, read_bundle
+from .export import export_bundle, read_bundle, write_hf
 from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
@@ -129,12 +129,10 @@ class ClassifierLearner(HFLearner):
         in safetensors, tokenizer, `ulmfit_tx.json`); `export()` stays for fastai's `load_learner`."""
         return export_bundle(self.model, self.tokenizer, list(self.dls.vocab), path, force)
 
-    def save_pretrained(self, path, force: bool = False) -> Path:
-        "A Hugging Face folder loadable by `AutoModelForSequenceClassification` (native head only)."
-        if self.model.head is not None:
-            raise UlmfitError("the pooling head is ulmfit_tx's own: build the learner with head='native' to save "
-                              "a folder for AutoModelForSequenceClassification, or use learn.export()")
-        return super().save_pretrained(path, force)
+    def write_pretrained(self, folder, model=None) -> Path:
+        """Write the classifier into `folder` as a Hugging Face folder for `AutoModelForSequenceClassification` and
+        `pipeline("text-classification")` (the pooling head as `PoolingForSequenceClassification`)."""
+        return write_hf(self.model if model is None else model, self.tokenizer, list(self.dls.vocab), folder)
 
 
 class MargeLearner(HFLearner):

@@ -1,5 +1,6 @@
 """The modules fastai trains: Hugging Face models wrapped to take `TensorText` ids (the attention
-mask is read from the padding), and ULMFiT's pooling classifier head."""
+mask is read from the padding), and ULMFiT's pooling classifier head (also as a Hugging Face
+`...ForSequenceClassification` model, registered with the Auto classes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from fastai.layers import LinBnDrop
 from torch import nn
 from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
                           PreTrainedConfig, PreTrainedModel)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .archs import ARCHS
 from .kernels import use_fast_kernels
@@ -17,7 +19,8 @@ from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
 from .io import model_source
 
-__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "MargeLM", "PoolingClassifierHead", "SequenceClassifier",
+__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "MargeLM", "PoolingClassifierHead", "PoolingClassifierConfig",
+           "PoolingForSequenceClassification", "SequenceClassifier",
            "masked_lm_model", "classifier_model", "marge_model", "load_config"]
 
 AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
@@ -150,6 +153,43 @@ class PoolingClassifierHead(nn.Module):
         return self.layers(masked_concat_pool(h, mask))                   # (B, H) -> (B, n_out)
 
 
+class PoolingClassifierConfig(PreTrainedConfig):
+    """An encoder with ULMFiT's pooling head, as a Hugging Face config: what a pooling classifier's bundle holds as
+    `config.json`, so `AutoModelForSequenceClassification` and `pipeline("text-classification")` load the bundle."""
+    model_type = "ulmfit_tx_pooling"
+    encoder: dict | None = None          # The encoder's config as a dict (any registered model type)
+    pooling: dict | None = None          # `PoolingClassifierHead`'s arguments (hidden, n_out, lin_ftrs, ps, output_p)
+
+    def encoder_config(self) -> PreTrainedConfig:
+        "The encoder's config object, of its model type's config class."
+        return CONFIG_MAPPING[self.encoder["model_type"]].from_dict(self.encoder)
+
+
+class PoolingForSequenceClassification(PreTrainedModel):
+    """The Hugging Face face of a pooling classifier: the encoder `hf` and `head`, the same modules (and weight names)
+    as `SequenceClassifier`'s, so one safetensors file serves both. The attention mask defaults to the padding."""
+    config_class = PoolingClassifierConfig
+    base_model_prefix = "hf"
+
+    def __init__(self, config: PoolingClassifierConfig):
+        super().__init__(config)
+        enc = config.encoder_config()
+        self.hf = AutoModel.from_config(enc, **_base_kwargs(enc.model_type))
+        self.head = PoolingClassifierHead(**config.pooling)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        mask = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()  # (B, L)
+        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)   # (B, C)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register(PoolingClassifierConfig.model_type, PoolingClassifierConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(PoolingClassifierConfig, PoolingForSequenceClassification, exist_ok=True)
+
+
 class SequenceClassifier(PortableHF):
     "A Hugging Face encoder with ULMFiT's pooling head, or a `...ForSequenceClassification` model with its own head."
 
@@ -187,9 +227,8 @@ def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, *
     "A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off)."
     if head not in ("pooling", "native"): raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
     if head == "native":
-        names = dict(enumerate(map(str, labels))) if labels is not None else None
-        hf = load_hf(src, "sequence_classification", num_labels=n_out, id2label=names,
-                     label2id=None if names is None else {v: k for k, v in names.items()})
+        names = dict(enumerate(map(str, labels if labels is not None else range(n_out))))
+        hf = load_hf(src, "sequence_classification", num_labels=n_out, id2label=names, label2id={v: k for k, v in names.items()})
         _check_vocab(hf, tok, src)
         return SequenceClassifier(hf, tok.pad_token_id)
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))

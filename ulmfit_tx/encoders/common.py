@@ -180,7 +180,7 @@ class RelativePositionBias(nn.Module):
 def masked_concat_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "ULMFiT's concat pooling over real tokens: first token, mean and max of h (B, L, D) -> (B, 3D)."
     m = mask.unsqueeze(-1)                                                # (B, L, 1)
-    first = h[torch.arange(len(h), device=h.device), mask.int().argmax(1)]  # (B, D) first real token
+    first = h[torch.arange(h.shape[0], device=h.device), mask.int().argmax(1)]  # (B, D) first real token
     mean = (h * m).sum(1) / m.sum(1).clamp(min=1)                         # (B, D)
     mx = h.masked_fill(~m, torch.finfo(h.dtype).min).max(1).values       # (B, D)
     return torch.cat([first, mean, mx], dim=1)
