@@ -12,6 +12,7 @@ from the padding inside the graph; optionally int8 by ONNX Runtime's dynamic qua
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -25,7 +26,6 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig
 
-from .archs import max_positions
 from .data import PadTokens
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
@@ -34,8 +34,8 @@ from .models import PoolingClassifierConfig, SequenceClassifier
 from .store import tokenizer_fingerprint
 from .tokenize import HFTokenizer
 
-__all__ = ["BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE", "ONNX_FILES", "is_bundle", "write_hf", "write_bundle", "export_bundle",
-           "read_bundle", "export_onnx", "OnnxClassifier", "read_onnx"]
+__all__ = ["BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE", "ONNX_FILES", "is_bundle", "weights_fingerprint", "write_hf", "write_bundle", "export_bundle",
+           "read_bundle", "SAMPLE_TEXTS", "export_onnx", "OnnxClassifier", "read_onnx"]
 
 BUNDLE_FORMAT = 2
 META_FILE, WEIGHTS_FILE = "ulmfit_tx.json", "model.safetensors"
@@ -47,6 +47,15 @@ def is_bundle(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    "A hash of a model's weights (names and bytes): two exports of one model share it, other weights do not."
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
     "What `ulmfit_tx.json` records: head, classes and the tokenization settings `predict` needs."
     from . import __version__
@@ -55,7 +64,8 @@ def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
             "head": "native" if head is None else "pooling", "pooling": None if head is None else head.config,
             "classes": [c.item() if hasattr(c, "item") else c for c in classes], "max_len": tfm.max_len,
             "truncate": tfm.truncate, "head_frac": tfm.head_frac, "padding_side": tfm.tok.padding_side,
-            "vocab_size": len(tfm.tok), "tokenizer_fingerprint": tokenizer_fingerprint(tfm)}
+            "vocab_size": len(tfm.tok), "tokenizer_fingerprint": tokenizer_fingerprint(tfm),
+            "weights_fingerprint": weights_fingerprint(model)}
 
 
 def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> tuple[PreTrainedConfig, nn.Module]:
@@ -149,3 +159,166 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head) if pooling else SequenceClassifier(hf, tfm.pad_id)
     return model.eval(), tfm, meta["classes"]
+
+
+# Texts the exported graph is checked on: one of a few words, sentences, and one longer than any max_len (truncated)
+SAMPLE_TEXTS = ["Great.", "It was fine, I suppose, though the second half dragged on and on.",
+                "An honest, warm and very funny film: the cast is superb and the script never talks down to its audience.",
+                " ".join(["The story wanders, the jokes land one time in three, and yet the ending works."] * 60)]
+
+
+def _require_onnx():
+    "The `onnxruntime` module, or an error that names the optional extra."
+    try:
+        import onnx, onnxruntime, onnxscript  # noqa: F401, E401
+    except ImportError as e:
+        raise UlmfitError(f"ONNX needs the optional packages onnx, onnxscript and onnxruntime ({e}): "
+                          "pip install 'ulmfit_tx[onnx]' (make install installs them)") from None
+    return onnxruntime
+
+
+@contextmanager
+def _quiet():
+    "Silence the exporter's and the quantizer's progress lines and notices (they log and print as they go)."
+    import contextlib
+    import io
+    import warnings
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally: logging.disable(logging.NOTSET)
+
+
+def _pad(tfm: HFTokenizer, ids: list) -> torch.Tensor:
+    "Token ids of several texts as one padded batch (B, L), padded as the DataLoaders pad."
+    return torch.stack([x for x, in PadTokens(tfm.pad_id, tfm.pad_first).encodes([(torch.as_tensor(o).long(),) for o in ids])])
+
+
+def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
+    """A CPU copy of `model` in eval mode, with a Hugging Face encoder's attention switched to the plain kind (matrix
+    product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took a third of ONNX
+    Runtime's time on MiniLM."""
+    m = copy.deepcopy(model).cpu().eval()
+    if getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx") and m.hf._supports_attention_backend:
+        m.hf.set_attn_implementation("eager")
+    return m
+
+
+class OnnxClassifier(nn.Module):
+    """An ONNX Runtime session as a module fastai can call: ids (B, L) -> logits (B, C), on the CPU. It uses torch's
+    thread count (`torch.get_num_threads()`) unless given `threads`."""
+
+    def __init__(self, path, threads: int | None = None):
+        super().__init__()
+        ort = _require_onnx()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        try: self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e: raise UlmfitError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
+        self.path = Path(path)
+        self.cpu_marker = nn.Parameter(torch.empty(0), requires_grad=False)  # fastai reads the device of the first parameter
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"ids": ids.cpu().long().numpy()})[0])  # (B, C)
+
+
+def _check_graph(m: SequenceClassifier, path: Path, tfm: HFTokenizer, texts: list[str]) -> tuple[float, float]:
+    """Probabilities of the ONNX model at `path` against PyTorch's on `texts`, in batches of other sizes and lengths
+    than the traced one (all texts together, then the first alone): the largest absolute difference and the share of
+    equal labels."""
+    onnx_model, ids = OnnxClassifier(path), tfm.encode_batch(texts)
+    diff, same = 0.0, []
+    for batch in (_pad(tfm, ids), _pad(tfm, ids[:1])):
+        with torch.inference_mode(): want = m(batch).float().softmax(-1)
+        try: got = onnx_model(batch).softmax(-1)
+        except Exception as e:
+            raise UlmfitError(f"the exported graph does not run on a batch of shape {tuple(batch.shape)}: the exporter fixed "
+                              f"a dimension to the traced example's ({str(e).splitlines()[0][:200]})") from None
+        diff, same = max(diff, (got - want).abs().max().item()), same + (got.argmax(1) == want.argmax(1)).tolist()
+    return diff, sum(same) / len(same)
+
+
+def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, classes: list, stage: Path) -> list[Path]:
+    """The bundle's files but the weights (config, tokenizer, `ulmfit_tx.json`), written into `stage` to be moved into
+    `folder` beside an ONNX file, so that it is usable on its own. None when `folder` is the bundle's own; a folder with
+    another model's `ulmfit_tx.json`, or with files of the same names, is refused."""
+    meta = _meta(model, tfm, classes)
+    if is_bundle(folder):
+        there = json.loads((folder / META_FILE).read_text())
+        if there.get("weights_fingerprint") != meta["weights_fingerprint"]:
+            raise UlmfitError(f"{folder} holds another model's {META_FILE} (other weights): write the ONNX file into "
+                              "another folder")
+        return []
+    stage.mkdir()
+    _hf_form(model, tfm, classes)[0].save_pretrained(stage)
+    tfm.tok.save_pretrained(stage)
+    (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    clash = sorted(f.name for f in stage.iterdir() if (folder / f.name).exists())
+    if clash: raise UlmfitError(f"{folder} already has {', '.join(clash)}: write the ONNX file into another folder")
+    return list(stage.iterdir())
+
+
+def export_onnx(
+    model: SequenceClassifier,        # The classifier (`learn.model`)
+    tfm: HFTokenizer,                 # Its tokenizer transform (`learn.tokenizer`)
+    classes: list,                    # Class names in the order of the model's outputs (`learn.dls.vocab`)
+    path,                             # The .onnx file to write; the tokenizer and ulmfit_tx.json are kept beside it
+    int8: bool = False,               # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic)
+    texts: list[str] | None = None,   # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
+    force: bool = False,              # Replace an existing file at `path`
+) -> dict:
+    """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from the
+    padding inside the graph), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else nothing
+    is written), and keep the tokenizer and `ulmfit_tx.json` beside it. Returns the file, its size, the seconds taken,
+    the largest probability difference and the share of equal labels."""
+    ort = _require_onnx()
+    mt, path = model.hf.config.model_type, Path(path)
+    if mt in MEMORY_MODEL_TYPES:
+        raise UlmfitError(f"a {mt!r} encoder cannot be exported to ONNX: it reads a text segment by segment in a loop whose "
+                          "number of steps depends on the length, which torch.export fixes to the traced example's. "
+                          "Serve it from the bundle (load_classifier, predict --backend torch)")
+    if path.suffix != ".onnx": raise UlmfitError(f"{path}: an ONNX file name ends in .onnx")
+    if path.exists() and not force: raise UlmfitError(f"{path} exists; use --force (force=True) to replace it")
+    if not path.parent.is_dir(): raise UlmfitError(f"{path.parent}: no such folder")
+    t0 = time.perf_counter()
+    with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
+        beside = _stage_beside(path.parent, model, tfm, classes, Path(work) / "beside")
+        m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
+        example = _pad(tfm, tfm.encode_batch(SAMPLE_TEXTS[1:3]))        # (2, L): sizes 0 and 1 would be fixed
+        dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len)},)
+        try:
+            with _quiet():
+                torch.onnx.export(m, (example,), input_names=["ids"], output_names=["logits"], dynamo=True,
+                                  dynamic_shapes=dims, verbose=False).save(str(fp32))
+        except Exception as e:
+            raise UlmfitError(f"torch.onnx cannot export this {mt!r} classifier ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300]})") from None
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            with _quiet(): quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+        diff, agree = _check_graph(m, tmp, tfm, texts or SAMPLE_TEXTS)
+        if not int8 and diff > 1e-4:
+            raise UlmfitError(f"the ONNX graph's probabilities differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
+                              f"the sample texts: not written. Report the model type ({mt!r}) and onnxruntime {ort.__version__}")
+        for f in beside: shutil.move(f, path.parent / f.name)
+    return {"path": str(path), "mb": path.stat().st_size / 2 ** 20, "seconds": time.perf_counter() - t0,
+            "max_abs_diff": diff, "agreement": agree, "int8": int8}
+
+
+def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, list]:
+    """The ONNX classifier of a bundle (or of an ONNX file with its tokenizer and `ulmfit_tx.json` beside it), its
+    tokenizer transform and its classes. `path`: a folder (its `model.onnx`, or `model.int8.onnx` with `int8`) or a
+    .onnx file."""
+    p = Path(path)
+    file, folder = (p, p.parent) if p.suffix == ".onnx" else (p / ONNX_FILES[int8], p)
+    if p.suffix == ".onnx" and not p.is_file(): raise UlmfitError(f"{p}: no such file")
+    meta = _read_meta(folder, "model folder")
+    if not file.is_file():
+        others = sorted(f.name for f in folder.glob("*.onnx"))
+        raise UlmfitError(f"{folder}: no {file.name}; " + (f"it has {', '.join(others)}: give that file as the model" if others
+                          else f"write it with: ulmfit-tx export-onnx --model {folder}" + (" --int8" if int8 else "")
+                          + " (or learn.export_onnx)"))
+    tfm = _read_tokenizer(folder, meta)
+    return OnnxClassifier(file), tfm, meta["classes"]

@@ -24,7 +24,7 @@ from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES, MargeConfig
 from .data import PadTokens, TokenSortedDL
 from .errors import UlmfitError, check_max_len
-from .export import export_bundle, read_bundle, write_hf
+from .export import export_bundle, export_onnx, read_bundle, read_onnx, write_hf
 from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
@@ -129,6 +129,12 @@ class ClassifierLearner(HFLearner):
         in safetensors, tokenizer, `ulmfit_tx.json`); `export()` stays for fastai's `load_learner`."""
         return export_bundle(self.model, self.tokenizer, list(self.dls.vocab), path, force)
 
+    def export_onnx(self, path, int8: bool = False, texts: list[str] | None = None, force: bool = False) -> dict:
+        """The classifier as an ONNX file at `path` (int8: quantized weights) with the tokenizer and `ulmfit_tx.json`
+        beside it, checked against PyTorch on `texts`; `load_classifier(folder, backend="onnx")` serves it. See
+        `ulmfit_tx.export.export_onnx`."""
+        return export_onnx(self.model, self.tokenizer, list(self.dls.vocab), path, int8, texts, force)
+
     def write_pretrained(self, folder, model=None) -> Path:
         """Write the classifier into `folder` as a Hugging Face folder for `AutoModelForSequenceClassification` and
         `pipeline("text-classification")` (the pooling head as `PoolingForSequenceClassification`)."""
@@ -154,20 +160,26 @@ class MargeLearner(HFLearner):
 
 
 def load_classifier(
-    path,                     # A bundle folder (train-clf's output, or `learn.export_bundle`)
+    path,                     # A bundle folder (train-clf's output, or `learn.export_bundle`); with onnx also a .onnx file
     bs: int = 64,             # Batch size of `predict_texts` and `get_preds`
-    device=None,              # Default: a GPU if there is one
+    device=None,              # Default: a GPU if there is one (torch backend; onnx runs on the CPU)
+    backend: str = "torch",   # "torch": the bundle's weights; "onnx": its ONNX graph on ONNX Runtime (`export_onnx`)
+    int8: bool = False,       # onnx: the int8 graph (model.int8.onnx)
 ) -> ClassifierLearner:
     """An inference `ClassifierLearner` rebuilt from a bundle without unpickling: `predict`, `predict_texts`,
-    `get_preds(dl=learn.dls.test_dl(...))` and `show_results` on new labelled data work as on the learner that wrote it."""
-    model, tfm, classes = read_bundle(path)
+    `get_preds(dl=learn.dls.test_dl(...))` and `show_results` on new labelled data work as on the learner that wrote it,
+    with either backend."""
+    if backend not in ("torch", "onnx"): raise UlmfitError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+    if int8 and backend != "onnx": raise UlmfitError("int8 is a property of the ONNX graph: use backend='onnx'")
+    model, tfm, classes = read_bundle(path) if backend == "torch" else read_onnx(path, int8)
+    if backend == "onnx": device = "cpu"
     tfm.text_col = "text"   # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
     row = pd.DataFrame({"text": [""], "label": [classes[0]]})
     dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), Categorize(vocab=classes, sort=False)]], splits=[[0], [0]])
     dls = dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
                             device=device).new_empty()
     learn = ClassifierLearner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                              cbs=_callbacks(dls, model, None))
+                              cbs=_callbacks(dls, model, None) if backend == "torch" else None)
     learn.model.eval()
     return learn
 
