@@ -129,3 +129,13 @@ def test_train_clf_writes_a_bundle_that_predict_reads(tiny_models, tmp_path, cap
     (out / "ulmfit_tx.json").unlink()                                   # only the pickle left: refused, then trusted
     assert main(["predict", "--model", str(out), "--text", "a wonderful film"]) == 2
     assert main(["predict", "--model", str(out), "--text", "a wonderful film", "--trust-pickle"]) == 0
+
+
+def test_predict_texts_matches_fastai_get_preds(trained, tmp_path):  # noqa: F811
+    "predict_texts' lean path (no fastai events) gives get_preds' probabilities, in input order."
+    learn = load_classifier(trained["pooling"].export_bundle(tmp_path / "bundle"), bs=2)
+    texts = TEXTS + ["the film " * 20, "terrible"]                        # lengths differ: batches are length-sorted
+    got = learn.predict_texts(texts, bs=2)
+    want = learn.get_preds(dl=learn.dls.test_dl(texts, bs=2))[0]
+    torch.testing.assert_close(torch.tensor(got.iloc[:, 1:].values), want, rtol=0, atol=1e-6)
+    assert got.label.tolist() == [learn.dls.vocab[i] for i in want.argmax(1)]

@@ -7,8 +7,8 @@ safetensors and the tokenizer files only. After `import ulmfit_tx` it is also a 
 `AutoModelForSequenceClassification.from_pretrained` and `pipeline("text-classification")`.
 
 `export_onnx` writes the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read
-from the padding inside the graph; optionally int8 by ONNX Runtime's dynamic quantization) beside the tokenizer and
-`ulmfit_tx.json`, and checks it against PyTorch; `OnnxClassifier` runs it as a module fastai can call."""
+from the padding inside the graph; optionally int8 by ONNX Runtime's dynamic quantization) beside the config, tokenizer
+and `ulmfit_tx.json`, and checks it against PyTorch; `OnnxClassifier` runs it as a module fastai can call."""
 from __future__ import annotations
 
 import copy
@@ -264,14 +264,14 @@ def export_onnx(
     model: SequenceClassifier,        # The classifier (`learn.model`)
     tfm: HFTokenizer,                 # Its tokenizer transform (`learn.tokenizer`)
     classes: list,                    # Class names in the order of the model's outputs (`learn.dls.vocab`)
-    path,                             # The .onnx file to write; the tokenizer and ulmfit_tx.json are kept beside it
+    path,                             # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
     int8: bool = False,               # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic)
     texts: list[str] | None = None,   # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
     force: bool = False,              # Replace an existing file at `path`
 ) -> dict:
     """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from the
     padding inside the graph), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else nothing
-    is written), and keep the tokenizer and `ulmfit_tx.json` beside it. Returns the file, its size, the seconds taken,
+    is written), and keep the config, tokenizer and `ulmfit_tx.json` beside it. Returns the file, its size, the seconds taken,
     the largest probability difference and the share of equal labels."""
     ort = _require_onnx()
     mt, path = model.hf.config.model_type, Path(path)
