@@ -422,6 +422,7 @@ def tables(res: dict, a) -> str:
             lines.append(f"| {length} ({r['mean_tokens']:.0f}) | {r['n_train']} / {r['n_valid']} | {label} | "
                          f"{t['samples_per_s']:.1f} | {loop} | {t['wall_s']:.1f} | {whole} | "
                          f"{t['train_s']:.1f} / {t['valid_s']:.1f} / {t['other_s']:.1f} | {t['accuracy']:.3f} |")
+    if not any(name in r for r in res.values() for name in CLF_SIDES): lines = []
     if "serve" in res: lines += ["", *serve_table(res["serve"])]
     for task, ours, theirs, label, target in LOOP_PAIRS:
         rows = [f"| {length} | {r[ours]['samples_per_s']:.1f} | {r[theirs]['samples_per_s']:.1f} | "
