@@ -41,6 +41,11 @@ class PadTokens(Transform):
         return out
 
 
+def pad_batch(ids: list, pad_id: int, pad_first: bool = False) -> torch.Tensor:
+    "Token id sequences as one batch (B, L) of int64, padded as `PadTokens` pads them."
+    return torch.stack([x for x, in PadTokens(pad_id, pad_first).encodes([(torch.as_tensor(o).long(),) for o in ids])])
+
+
 class StoreText(Transform):
     """Item: the index of a document in a token store -> its model input (`TensorText`, truncated with special
     tokens as `tfm` does). Texts and ids (`predict`, `test_dl`) pass through to `HFTokenizer`. The store is

@@ -26,7 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig
 
-from .data import PadTokens
+from .data import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .io import atomic_dir, atomic_file
@@ -191,11 +191,6 @@ def _quiet():
     finally: logging.disable(logging.NOTSET)
 
 
-def _pad(tfm: HFTokenizer, ids: list) -> torch.Tensor:
-    "Token ids of several texts as one padded batch (B, L), padded as the DataLoaders pad."
-    return torch.stack([x for x, in PadTokens(tfm.pad_id, tfm.pad_first).encodes([(torch.as_tensor(o).long(),) for o in ids])])
-
-
 def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
     """A CPU copy of `model` in eval mode, with a Hugging Face encoder's attention switched to the plain kind (matrix
     product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took a third of ONNX
@@ -215,6 +210,7 @@ class OnnxClassifier(nn.Module):
         ort = _require_onnx()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.enable_mem_pattern = False  # its plans are per input shape: with batches of every length, +0.8 GB for MiniLM
         try: self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e: raise UlmfitError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
         self.path = Path(path)
@@ -230,7 +226,7 @@ def _check_graph(m: SequenceClassifier, path: Path, tfm: HFTokenizer, texts: lis
     equal labels."""
     onnx_model, ids = OnnxClassifier(path), tfm.encode_batch(texts)
     diff, same = 0.0, []
-    for batch in (_pad(tfm, ids), _pad(tfm, ids[:1])):
+    for batch in (pad_batch(ids, tfm.pad_id, tfm.pad_first), pad_batch(ids[:1], tfm.pad_id, tfm.pad_first)):
         with torch.inference_mode(): want = m(batch).float().softmax(-1)
         try: got = onnx_model(batch).softmax(-1)
         except Exception as e:
@@ -286,7 +282,7 @@ def export_onnx(
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         beside = _stage_beside(path.parent, model, tfm, classes, Path(work) / "beside")
         m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
-        example = _pad(tfm, tfm.encode_batch(SAMPLE_TEXTS[1:3]))        # (2, L): sizes 0 and 1 would be fixed
+        example = pad_batch(tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first)        # (2, L): sizes 0 and 1 would be fixed
         dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len)},)
         try:
             with _quiet():
