@@ -283,14 +283,15 @@ def served_bundle(a) -> Path:
     """A MiniLM classifier with the native head (so the pipeline side runs Hugging Face's own model class), trained once
     by `ulmfit-tx train-clf` on `--serve-train` training reviews at `--serve-len` tokens, with both ONNX graphs."""
     folder = Path(a.work) / f"serve_len{a.serve_len}_{a.serve_train}reviews_{a.serve_epochs}ep_lr{a.serve_lr:g}"
-    if not (folder / "model.int8.onnx").exists():
+    if not (folder / "ulmfit_tx.json").exists():
         data = Path(a.work) / f"serve_train_{a.serve_train}.csv"
         df = reviews(a, a.serve_train).assign(is_valid=lambda d: d.index >= int(0.9 * len(d)))
         df[["text", "label", "is_valid"]].to_csv(data, index=False)
         _cli("train-clf", "--model", minilm(), "--data", data, "--out", folder, "--head", "native", "--force", "--max-len",
              a.serve_len, "--bs", a.bs, "--schedule", "one-cycle", "--epochs", a.serve_epochs, "--lr", a.serve_lr,
              "--cache", Path(a.work) / "cache")
-        for int8 in ([], ["--int8"]): _cli("export-onnx", "--model", folder, "--force", *int8)
+    for name, int8 in (("model.onnx", []), ("model.int8.onnx", ["--int8"])):
+        if not (folder / name).exists(): _cli("export-onnx", "--model", folder, *int8)
     return folder
 
 

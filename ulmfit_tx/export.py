@@ -261,7 +261,7 @@ def export_onnx(
     tfm: HFTokenizer,                 # Its tokenizer transform (`learn.tokenizer`)
     classes: list,                    # Class names in the order of the model's outputs (`learn.dls.vocab`)
     path,                             # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
-    int8: bool = False,               # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic)
+    int8: bool = False,               # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
     texts: list[str] | None = None,   # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
     force: bool = False,              # Replace an existing file at `path`
 ) -> dict:
@@ -293,7 +293,7 @@ def export_onnx(
                               f"{str(e).strip().splitlines()[0][:300]})") from None
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
-            with _quiet(): quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+            with _quiet(): quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
         diff, agree = _check_graph(m, tmp, tfm, texts or SAMPLE_TEXTS)
         if not int8 and diff > 1e-4:
             raise UlmfitError(f"the ONNX graph's probabilities differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
