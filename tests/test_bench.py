@@ -21,9 +21,15 @@ def _run(args, tmp_path):
 @needs_imdb
 def test_speed_benchmark_smoke(tmp_path):
     out = _run([ROOT / "bench" / "speed.py", "--lengths", "32,48", "--tokens", 256, "--bs", 4, "--infer-bs", 8,
-                "--rounds", 1, "--work", tmp_path / "work"], tmp_path)
+                "--rounds", 1, "--work", tmp_path / "work", "--serve-len", 32, "--serve-train", 40, "--serve-epochs", 1,
+                "--serve-n", 16, "--latency-calls", 4], tmp_path)
     res = json.loads((tmp_path / "speed_cpu.json").read_text())["results"]
-    assert set(res) == {"32", "48"}
+    assert set(res) == {"32", "48", "serve"}
+    serve = res.pop("serve")                                              # 4. deployment: the four ways, same reviews
+    for side in ("serve_torch", "serve_onnx", "serve_int8", "serve_pipeline"):
+        assert serve[side]["samples_per_s"] > 0 and 0 < serve[side]["p50_ms"] <= serve[side]["p95_ms"]
+        assert 0 <= serve[side]["accuracy"] <= 1 and serve[side]["peak_mb"] > 0
+    assert serve["serve_onnx"]["accuracy"] == serve["serve_torch"]["accuracy"] and "**4. Deployment**" in out
     for length, r in res.items():
         assert {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
                 "infer_pipeline"} <= set(r) and 0 < r["mean_tokens"] <= int(length)

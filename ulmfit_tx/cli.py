@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a bundle folder (train-clf's output, or learn.export_bundle)")
     p.add_argument("--int8", action="store_true", help="quantize the weights of the matrix products to int8 (dynamic)")
     p.add_argument("--out", help="the .onnx file (default: MODEL/model.onnx, or MODEL/model.int8.onnx with --int8); "
-                   "the tokenizer and ulmfit_tx.json are kept beside it")
+                   "the config, tokenizer and ulmfit_tx.json are kept beside it")
     p.add_argument("--force", action="store_true", help="replace an existing ONNX file")
 
     p = sub.add_parser("fill-mask", help="top-k tokens for every [MASK] or <mask> in a sentence")

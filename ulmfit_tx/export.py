@@ -313,8 +313,9 @@ def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, li
     meta = _read_meta(folder, "model folder")
     if not file.is_file():
         others = sorted(f.name for f in folder.glob("*.onnx"))
-        raise UlmfitError(f"{folder}: no {file.name}; " + (f"it has {', '.join(others)}: give that file as the model" if others
-                          else f"write it with: ulmfit-tx export-onnx --model {folder}" + (" --int8" if int8 else "")
-                          + " (or learn.export_onnx)"))
+        if ONNX_FILES[not int8] in others: hint = f"it has {ONNX_FILES[not int8]}: {'drop' if int8 else 'add'} --int8 (int8=)"
+        elif others: hint = f"it has {', '.join(others)}: give that file as the model"
+        else: hint = f"write it with: ulmfit-tx export-onnx --model {folder}{' --int8' if int8 else ''} (or learn.export_onnx)"
+        raise UlmfitError(f"{folder}: no {file.name}; {hint}")
     tfm = _read_tokenizer(folder, meta)
     return OnnxClassifier(file), tfm, meta["classes"]
