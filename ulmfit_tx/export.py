@@ -313,7 +313,7 @@ def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, li
     meta = _read_meta(folder, "model folder")
     if not file.is_file():
         others = sorted(f.name for f in folder.glob("*.onnx"))
-        if ONNX_FILES[not int8] in others: hint = f"it has {ONNX_FILES[not int8]}: {'drop' if int8 else 'add'} --int8 (int8=)"
+        if ONNX_FILES[not int8] in others: hint = f"it has {ONNX_FILES[not int8]}: {'drop' if int8 else 'add'} --int8 (int8={not int8} in Python)"
         elif others: hint = f"it has {', '.join(others)}: give that file as the model"
         else: hint = f"write it with: ulmfit-tx export-onnx --model {folder}{' --int8' if int8 else ''} (or learn.export_onnx)"
         raise UlmfitError(f"{folder}: no {file.name}; {hint}")
