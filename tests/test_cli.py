@@ -37,6 +37,14 @@ def clf_dir(lm_dir, csv):
     return out
 
 
+def test_finetune_lm_head_warmup(tiny_models, csv, tmp_path):
+    out = tmp_path / "lm"
+    assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--data", str(csv), "--out", str(out), "--max-len",
+                 "32", "--bs", "8", "--epochs", "1", "--warmup-epochs", "1", "--lr", "1e-4"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["warmup_epochs"], m["warmup_lr"], m["epochs"]) == (1, 1e-3, 1) and len(m["per_epoch"]) == 2
+
+
 def test_finetune_lm_writes_a_hugging_face_folder_and_metrics(lm_dir):
     for f in ["config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"]:
         assert (lm_dir / f).exists(), f

@@ -98,3 +98,20 @@ def test_at_least_one_text_is_held_out_and_too_short_texts_are_named(bert_dir, s
     assert len(dls.valid_ds) >= 1
     with pytest.raises(UlmfitError, match="training text.*fill no block of 128"):
         mlm_dataloaders(["short one"] * 20, bert_dir, max_len=128, bs=8)
+
+
+def test_mlm_head_warmup_trains_head_and_embeddings_before_the_encoder(bert_dir, sample_df):
+    "mlm_stages' warm-up (fastai's LM recipe): the encoder layers stay as they were, then every layer trains."
+    from ulmfit_tx import fit_stages, mlm_learner, mlm_stages
+    learn = mlm_learner(mlm_dataloaders(sample_df.head(40), bert_dir, max_len=32, bs=8), bert_dir)
+    start = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    changed = lambda: {n for n, p in learn.model.named_parameters() if not torch.equal(p, start[n])}
+    warmup, rest = mlm_stages(1e-4, epochs=1, warmup_epochs=1)
+    assert (warmup.depth, warmup.lr, rest.depth, rest.lr) == (1, 1e-3, None, 1e-4)
+    with learn.no_bar(), learn.no_logging(): fit_stages(learn, [warmup])
+    first = changed()
+    assert any("word_embeddings" in n for n in first) and any(".cls." in n for n in first)
+    assert not any(".encoder.layer." in n for n in first)
+    with learn.no_bar(), learn.no_logging(): fit_stages(learn, [rest])
+    assert any(".encoder.layer." in n for n in changed())
+    with pytest.raises(UlmfitError, match="warmup_epochs"): mlm_stages(warmup_epochs=-1)

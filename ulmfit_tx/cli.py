@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, labels=False)
     _out_args(p)
     _checkpoint_args(p)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="epochs training every layer")
     p.add_argument("--lr", type=float, default=_DEFAULT_LR["mlm"])
+    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs training the MLM head (and the word embeddings "
+                   "tied to it) alone first, on the frozen encoder layers, as fastai's language-model recipe does")
+    p.add_argument("--warmup-lr", type=float, help="learning rate of those epochs (default 10 x --lr)")
     p.add_argument("--mode", choices=["blocks", "docs", "segments"],
                    help="concatenate into blocks, one item per text, or whole texts in order (default: segments for "
                         "memory encoders, else blocks)")
@@ -267,7 +270,7 @@ def _seed(seed: int):
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
     from .io import check_out_dir
-    from .learner import Stage, mlm_learner
+    from .learner import mlm_learner, mlm_stages
     from .mlm import mlm_dataloaders
     from .models import load_config
     from .plots import LossHistory
@@ -288,9 +291,12 @@ def finetune_lm(a):
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
-    loss, acc, ppl = _train(learn, [Stage(None, a.epochs, a.lr)])
-    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, max_len=max_len, mode=mode,
-                   n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds), **_times(hist, a.epochs * len(dls.train_ds)))
+    stages = mlm_stages(a.lr, a.epochs, a.warmup_epochs, a.warmup_lr)
+    loss, acc, ppl = _train(learn, stages)
+    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, warmup_epochs=a.warmup_epochs,
+                   warmup_lr=stages[0].lr if a.warmup_epochs else None, max_len=max_len, mode=mode,
+                   n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds),
+                   **_times(hist, (a.epochs + a.warmup_epochs) * len(dls.train_ds)))
     with _finishing(ckpt, a.keep_checkpoints): _save_mlm(learn, hist, metrics, a)
     _say(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics

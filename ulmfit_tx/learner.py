@@ -39,7 +39,7 @@ from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
            "ClassifierLearner", "MargeLearner", "mlm_learner", "classifier_learner", "marge_learner", "load_classifier", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
-           "fit_ulmfit", "marge_stages", "fit_marge"]
+           "fit_ulmfit", "mlm_stages", "fit_mlm", "marge_stages", "fit_marge"]
 
 
 def default_precision() -> str:
@@ -355,6 +355,27 @@ def fit_ulmfit(
     each with `fit_one_cycle` and discriminative learning rates. The same as running, per stage,
     `learn.freeze_to(-n); learn.fit_one_cycle(e, ulmfit_lrs(learn, lr))`. Resumable with a `CheckpointCallback`."""
     return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)
+
+
+def mlm_stages(lr: float = 1e-4, epochs: int = 1, warmup_epochs: int = 0, warmup_lr: float | None = None) -> list[Stage]:
+    """MLM fine-tuning as stages: optionally the MLM head with the word embeddings it is tied to first, on the frozen
+    encoder layers (`warmup_epochs` at `warmup_lr`, default `10 * lr`: fastai's language-model recipe trains a new
+    head before unfreezing), then every layer for `epochs` at `lr`."""
+    if warmup_epochs < 0: raise UlmfitError(f"warmup_epochs must be 0 or more, not {warmup_epochs}")
+    warm = [Stage(1, warmup_epochs, 10 * lr if warmup_lr is None else warmup_lr)] if warmup_epochs else []
+    return warm + [Stage(None, epochs, lr)]
+
+
+def fit_mlm(
+    learn: Learner,
+    lr: float = 1e-4,                  # Learning rate of the stage that trains every layer
+    epochs: int = 1,                   # Its epochs
+    warmup_epochs: int = 0,            # Epochs training the MLM head and embeddings alone first (0: none)
+    warmup_lr: float | None = None,    # Their learning rate (default 10 * lr)
+    **kwargs,                          # Passed to `fit_one_cycle`
+) -> Learner:
+    "`mlm_stages` with `fit_stages` (one `fit_one_cycle` per stage; resumable with a `CheckpointCallback`)."
+    return fit_stages(learn, mlm_stages(lr, epochs, warmup_epochs, warmup_lr), **kwargs)
 
 
 def marge_stages(lr: float = 3e-3, warmup_epochs: int = 1, epochs: int = 1, div: float = 3.0,
