@@ -42,15 +42,15 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame) -> dict:
 
 def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
     "MLM fine-tuning (ULMFiT stage 2), cached in `out`."
-    from ulmfit_tx import mlm_dataloaders, mlm_learner
+    from ulmfit_tx import fit_mlm, mlm_dataloaders, mlm_learner
     if (out / "metrics.json").exists(): return json.loads((out / "metrics.json").read_text())
     dls = mlm_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed)
     learn = mlm_learner(dls, model)
     t0 = time.time()
-    learn.fit_one_cycle(a.lm_epochs, a.lm_lr)
+    fit_mlm(learn, a.lm_lr, a.lm_epochs, a.lm_warmup_epochs, a.lm_warmup_lr)   # no warm-up: one fit_one_cycle
     loss, acc, ppl = learn.validate()
     learn.save_pretrained(out, force=True)
-    m = {"mlm_loss": loss, "masked_accuracy": acc, "perplexity": ppl, "texts": len(texts),
+    m = {"mlm_loss": loss, "masked_accuracy": acc, "perplexity": ppl, "texts": len(texts), "warmup_epochs": a.lm_warmup_epochs,
          "blocks": len(dls.train_ds), "train_time_s": time.time() - t0}
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     return m
@@ -98,6 +98,9 @@ def main():
     ap.add_argument("--lm-epochs", type=int, default=1)
     ap.add_argument("--lm-lr", type=float, default=2e-4)
     ap.add_argument("--lm-max-len", type=int, default=128)
+    ap.add_argument("--lm-warmup-epochs", type=int, default=0, help="epochs training the new MLM head (and tied "
+                    "embeddings) alone first (`fit_mlm`)")
+    ap.add_argument("--lm-warmup-lr", type=float, help="their learning rate (default 10 x --lm-lr)")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--truncate", default="head+tail", choices=["head", "head+tail"])
     ap.add_argument("--clf-epochs", default="10,4",
@@ -127,7 +130,8 @@ def main():
     # MLM texts: unlabelled and training reviews, never test reviews
     unsup = pd.read_csv(Path(a.data_dir) / "imdb_unsup.csv.gz", keep_default_na=False)
     pool = pd.concat([unsup.text, train_half.text]).sample(frac=1, random_state=a.seed)
-    lm_dir = out / "work" / f"lm_{a.lm_texts}texts_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}"  # cache
+    warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
+    lm_dir = out / "work" / f"lm_{a.lm_texts}texts_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}"  # cache
     lm = lm_finetune(a, base, pool.iloc[: a.lm_texts or len(pool)].tolist(), lm_dir)
     print(f"MLM fine-tuning: {json.dumps(lm)}", flush=True)
     rows = []

@@ -43,7 +43,7 @@ def test_speed_benchmark_smoke(tmp_path):
 @needs_imdb
 def test_imdb_benchmark_smoke(tmp_path):
     out = _run([ROOT / "bench" / "imdb.py", "--labels", 16, "--n-test", 20, "--lm-texts", 40, "--max-len", 32,
-                "--lm-max-len", 32, "--bs", 8, "--clf-epochs", 1, "--tag", "smoke"], tmp_path)
+                "--lm-max-len", 32, "--bs", 8, "--clf-epochs", 1, "--lm-warmup-epochs", 1, "--tag", "smoke"], tmp_path)
     rows = json.loads((tmp_path / "imdb_smoke.json").read_text())["results"]
     assert [r["labels"] for r in rows] == [16, 16, 16] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert "TF-IDF" in out and (tmp_path / "imdb_smoke.png").exists()
