@@ -193,7 +193,7 @@ def _quiet():
 
 def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
     """A CPU copy of `model` in eval mode, with a Hugging Face encoder's attention switched to the plain kind (matrix
-    product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took a third of ONNX
+    product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took over a quarter of ONNX
     Runtime's time on MiniLM."""
     m = copy.deepcopy(model).cpu().eval()
     if getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx") and m.hf._supports_attention_backend:
