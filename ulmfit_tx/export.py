@@ -34,8 +34,8 @@ from .models import PoolingClassifierConfig, SequenceClassifier
 from .store import tokenizer_fingerprint
 from .tokenize import HFTokenizer
 
-__all__ = ["BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE", "ONNX_FILES", "is_bundle", "weights_fingerprint", "write_hf", "write_bundle", "export_bundle",
-           "read_bundle", "SAMPLE_TEXTS", "export_onnx", "OnnxClassifier", "read_onnx"]
+__all__ = ["BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE", "ONNX_FILES", "is_bundle", "weights_fingerprint", "write_hf",
+           "write_bundle", "export_bundle", "read_bundle", "SAMPLE_TEXTS", "export_onnx", "OnnxClassifier", "read_onnx"]
 
 BUNDLE_FORMAT = 2
 META_FILE, WEIGHTS_FILE = "ulmfit_tx.json", "model.safetensors"
@@ -193,8 +193,8 @@ def _quiet():
 
 def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
     """A CPU copy of `model` in eval mode, with a Hugging Face encoder's attention switched to the plain kind (matrix
-    product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took over a quarter of ONNX
-    Runtime's time on MiniLM."""
+    product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took over a quarter
+    of ONNX Runtime's time on MiniLM."""
     m = copy.deepcopy(model).cpu().eval()
     if getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx") and m.hf._supports_attention_backend:
         m.hf.set_attn_implementation("eager")
