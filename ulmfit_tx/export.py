@@ -30,7 +30,7 @@ from .data import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .io import atomic_dir, atomic_file
-from .models import PoolingClassifierConfig, SequenceClassifier
+from .models import PoolingClassifierConfig, SequenceClassifier, label_maps
 from .store import tokenizer_fingerprint
 from .tokenize import HFTokenizer
 
@@ -73,9 +73,8 @@ def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> tupl
     or (pooling head) a `PoolingClassifierConfig` and the classifier, whose weight names `PoolingForSequenceClassification`
     shares."""
     if model.head is None: return model.hf.config, model.hf
-    names = {i: str(c) for i, c in enumerate(classes)}
-    return PoolingClassifierConfig(encoder=model.hf.config.to_dict(), pooling=model.head.config, id2label=names,
-                                   label2id={v: k for k, v in names.items()}, pad_token_id=tfm.pad_id), model
+    return PoolingClassifierConfig(encoder=model.hf.config.to_dict(), pooling=model.head.config, pad_token_id=tfm.pad_id,
+                                   **label_maps(classes)), model
 
 
 def write_hf(

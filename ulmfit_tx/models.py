@@ -223,12 +223,17 @@ def masked_lm_model(src, tok) -> MaskedLM:
     return (MemoryMaskedLM if hf.config.model_type in MEMORY_MODEL_TYPES else MaskedLM)(hf, tok.pad_token_id)
 
 
+def label_maps(labels) -> dict:
+    "`id2label` and `label2id` of a Hugging Face config for class names in output order."
+    names = {i: str(c) for i, c in enumerate(labels)}
+    return {"id2label": names, "label2id": {v: k for k, v in names.items()}}
+
+
 def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, **head_kwargs) -> SequenceClassifier:
     "A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off)."
     if head not in ("pooling", "native"): raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
     if head == "native":
-        names = dict(enumerate(map(str, labels if labels is not None else range(n_out))))
-        hf = load_hf(src, "sequence_classification", num_labels=n_out, id2label=names, label2id={v: k for k, v in names.items()})
+        hf = load_hf(src, "sequence_classification", num_labels=n_out, **label_maps(labels if labels is not None else range(n_out)))
         _check_vocab(hf, tok, src)
         return SequenceClassifier(hf, tok.pad_token_id)
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
