@@ -78,6 +78,15 @@ def test_truncated_or_foreign_stores_and_failed_builds_give_clear_errors(tfm, sm
     bad = small_df.assign(text=small_df.text.where(small_df.index != 5, "  "))
     with pytest.raises(UlmfitError, match="1 row.*empty.*rows 5"): build_store(bad, tfm, tmp_path / "b", chunk_rows=4)
     assert not (tmp_path / "b").exists() and len(list(tmp_path.iterdir())) == 1  # nothing left behind
+    renamed = bad.rename(columns={"text": "sentence", "label": "y"})            # errors name the user's columns
+    with pytest.raises(UlmfitError, match="column 'sentence' are empty"):
+        build_store(renamed, tfm, tmp_path / "b", text_col="sentence", label_col="y")
+    renamed.to_csv(tmp_path / "r.csv", index=False)
+    with pytest.raises(UlmfitError, match="column 'sentence' are empty"):
+        build_store(tmp_path / "r.csv", tfm, tmp_path / "b", text_col="sentence", label_col="y")
+    with pytest.raises(UlmfitError, match="no label in column 'y'"):
+        build_store(renamed.assign(sentence="fine", y=[None] + list(renamed.y[1:])), tfm, tmp_path / "b",
+                    text_col="sentence", label_col="y")
     with pytest.raises(UlmfitError, match="already exists"): build_store(small_df, tfm, tmp_path / "s")
 
 

@@ -26,27 +26,27 @@ def check_columns(df: pd.DataFrame, cols, what: str = "data"):
                           f"the columns are {', '.join(map(repr, map(str, df.columns)))}")
 
 
-def check_texts(df: pd.DataFrame, text_col: str, what: str = "data"):
-    "Raise if `df` has no rows, or if any `text_col` value is not a string or is blank."
+def check_texts(df: pd.DataFrame, text_col: str, what: str = "data", shown: str | None = None):
+    "Raise if `df` has no rows, or if any `text_col` value is not a string or is blank (named `shown` if given)."
     check_columns(df, [text_col], what)
     if len(df) == 0: raise UlmfitError(f"{what}: no rows")
-    col = df[text_col]
+    col, shown = df[text_col], shown or text_col
     not_str = col.map(lambda o: not isinstance(o, str))
     if not_str.any():
-        raise UlmfitError(f"{what}: {int(not_str.sum())} row(s) of column {text_col!r} are not text "
+        raise UlmfitError(f"{what}: {int(not_str.sum())} row(s) of column {shown!r} are not text "
                           f"(rows {_rows(df.index[not_str])})")
     blank = col.str.strip().eq("")
     if blank.any():
-        raise UlmfitError(f"{what}: {int(blank.sum())} row(s) of column {text_col!r} are empty "
+        raise UlmfitError(f"{what}: {int(blank.sum())} row(s) of column {shown!r} are empty "
                           f"(rows {_rows(df.index[blank])})")
 
 
-def check_label_values(df: pd.DataFrame, label_col: str, what: str = "data"):
-    "Raise if any row has no label (missing, NaN or blank)."
+def check_label_values(df: pd.DataFrame, label_col: str, what: str = "data", shown: str | None = None):
+    "Raise if any row has no label (missing, NaN or blank); the column is named `shown` if given."
     check_columns(df, [label_col], what)
     na = df[label_col].isna() | df[label_col].astype(str).str.strip().isin(["", "nan", "NaN", "None", "<NA>"])
     if na.any():
-        raise UlmfitError(f"{what}: {int(na.sum())} row(s) have no label in column {label_col!r} "
+        raise UlmfitError(f"{what}: {int(na.sum())} row(s) have no label in column {shown or label_col!r} "
                           f"(rows {_rows(df.index[na])})")
 
 

@@ -195,8 +195,8 @@ def build_store(
                 if max_docs is not None and n_docs >= max_docs: break
                 if max_docs is not None: chunk = chunk.iloc[:max_docs - n_docs]
                 if len(chunk) == 0: continue
-                check_texts(chunk, "text", name)
-                if label_col is not None: check_label_values(chunk, "label", name)
+                check_texts(chunk, "text", name, shown=text_col)
+                if label_col is not None: check_label_values(chunk, "label", name, shown=label_col)
                 ids = list(tfm.token_ids(chunk["text"].tolist(), chunk=len(chunk)))   # one call of the fast tokenizer
                 lens = np.fromiter(map(len, ids), np.int64, len(ids))
                 f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum())).tobytes())
