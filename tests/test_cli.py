@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -217,3 +218,16 @@ def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ulmfit_tx.cli", "train-clf", "--model", "m", "--data",
                           str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "no such file" in res.stderr
+
+
+def test_the_program_flushes_its_output_and_runs_exit_handlers_before_its_fast_exit(clf_dir, tmp_path):
+    "`run` skips the interpreter's teardown: piped output (block-buffered) and exit handlers must still happen."
+    hook = tmp_path / "sitecustomize.py"   # an exit handler registered in the process, as a library would
+    hook.write_text(f"import atexit\natexit.register(lambda: open({str(tmp_path / 'ran')!r}, 'w').close())\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-m", "ulmfit_tx.cli", "predict", "--model", str(clf_dir), "--text",
+                          "a wonderful film", "--text", "a dull film"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("prob_pos") == 1 and len(res.stdout.strip().splitlines()) == 3, res.stdout
+    assert (tmp_path / "ran").exists()
