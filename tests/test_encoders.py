@@ -2,7 +2,6 @@
 Transformer, including each correctness point the public reference implementations get wrong."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import ulmfit_tx  # noqa: F401 (registers the encoders with the Auto classes)

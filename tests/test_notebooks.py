@@ -1,5 +1,4 @@
 "Every tutorial notebook runs top to bottom (in fast mode: a few rows, short sequences)."
-import os
 from pathlib import Path
 
 import nbformat

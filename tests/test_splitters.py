@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from ulmfit_tx import UlmfitError, clas_dataloaders, classifier_learner, mlm_dataloaders, mlm_learner
