@@ -41,9 +41,9 @@ def clf_dir(lm_dir, csv):
 def test_finetune_lm_head_warmup(tiny_models, csv, tmp_path):
     out = tmp_path / "lm"
     assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--data", str(csv), "--out", str(out), "--max-len",
-                 "32", "--bs", "8", "--epochs", "1", "--warmup-epochs", "1", "--lr", "1e-4"]) == 0
+                 "32", "--bs", "8", "--epochs", "1", "--warmup-epochs", "1", "--lr", "1e-4", "--div", "2.6"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["warmup_epochs"], m["warmup_lr"], m["epochs"]) == (1, 1e-3, 1) and len(m["per_epoch"]) == 2
+    assert (m["warmup_epochs"], m["warmup_lr"], m["epochs"], m["div"]) == (1, 1e-3, 1, 2.6) and len(m["per_epoch"]) == 2
 
 
 def test_finetune_lm_writes_a_hugging_face_folder_and_metrics(lm_dir):

@@ -1,7 +1,6 @@
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from ulmfit_tx import BlockView, HFTokenizer, MaskTokens, UlmfitError, as_store, mask_tokens, mlm_dataloaders
 from ulmfit_tx.tokenize import word_start_table
@@ -112,6 +111,10 @@ def test_mlm_head_warmup_trains_head_and_embeddings_before_the_encoder(bert_dir,
     first = changed()
     assert any("word_embeddings" in n for n in first) and any(".cls." in n for n in first)
     assert not any(".encoder.layer." in n for n in first)
+    rest = mlm_stages(1e-4, epochs=1, warmup_epochs=1, div=2.6)[1]      # ULMFiT's discriminative rates
+    assert (rest.depth, rest.lr, rest.div) == (None, 1e-4, 2.6)
     with learn.no_bar(), learn.no_logging(): fit_stages(learn, [rest])
     assert any(".encoder.layer." in n for n in changed())
+    lrs = np.array([h["lr"] for h in learn.opt.hypers])                    # the head and embeddings' group is last
+    assert len(lrs) >= 3 and np.allclose(lrs[1:] / lrs[:-1], 2.6)
     with pytest.raises(UlmfitError, match="warmup_epochs"): mlm_stages(warmup_epochs=-1)

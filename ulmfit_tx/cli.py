@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tied to it) alone first, on the frozen encoder layers, as fastai's language-model recipe does "
                    "(0: every layer from the first step, the recipe before issue 17)")
     p.add_argument("--warmup-lr", type=float, help="learning rate of those epochs (default 10 x --lr)")
+    p.add_argument("--div", type=float, help="discriminative rates after the warm-up: --lr for the head and embeddings, "
+                   "each encoder layer below this factor lower (default: one rate; ULMFiT's AWD-LSTM used 2.6)")
     p.add_argument("--mode", choices=["blocks", "docs", "segments"],
                    help="concatenate into blocks, one item per text, or whole texts in order (default: segments for "
                         "memory encoders, else blocks)")
@@ -292,9 +294,9 @@ def finetune_lm(a):
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
-    stages = mlm_stages(a.lr, a.epochs, a.warmup_epochs, a.warmup_lr)
+    stages = mlm_stages(a.lr, a.epochs, a.warmup_epochs, a.warmup_lr, a.div)
     loss, acc, ppl = _train(learn, stages)
-    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, warmup_epochs=a.warmup_epochs,
+    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, div=a.div, warmup_epochs=a.warmup_epochs,
                    warmup_lr=stages[0].lr if a.warmup_epochs else None, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds),
                    **_times(hist, (a.epochs + a.warmup_epochs) * len(dls.train_ds)))

@@ -357,26 +357,30 @@ def fit_ulmfit(
     return fit_stages(learn, ulmfit_stages(lr, epochs, depths, div, stage_div), **kwargs)
 
 
-def mlm_stages(lr: float = 1e-4, epochs: int = 1, warmup_epochs: int = 1, warmup_lr: float | None = None) -> list[Stage]:
+def mlm_stages(lr: float = 1e-4, epochs: int = 1, warmup_epochs: int = 1, warmup_lr: float | None = None,
+               div: float | None = None) -> list[Stage]:
     """MLM fine-tuning as stages: the MLM head with the word embeddings tied to it first, on the frozen encoder layers
     (`warmup_epochs` at `warmup_lr`, default `10 * lr`: fastai's language-model recipe trains a new head before
-    unfreezing; 0 skips it), then every layer for `epochs` at `lr`. On IMDb with MiniLM the warm-up gave a lower MLM
-    loss and a better classifier than the same epoch of every layer without it (README, "Is stage 2 worth it?")."""
+    unfreezing; 0 skips it), then every layer for `epochs` at `lr`, or with ULMFiT's discriminative rates when `div`
+    is set (`lr` for the head and embeddings, each encoder layer below `div` times lower). On IMDb with MiniLM the
+    warm-up gave a lower MLM loss and a better classifier than the same epoch of every layer without it (README,
+    "Is stage 2 worth it?")."""
     if warmup_epochs < 0: raise UlmfitError(f"warmup_epochs must be 0 or more, not {warmup_epochs}")
     warm = [Stage(1, warmup_epochs, 10 * lr if warmup_lr is None else warmup_lr)] if warmup_epochs else []
-    return warm + [Stage(None, epochs, lr)]
+    return warm + [Stage(None, epochs, lr, div)]
 
 
 def fit_mlm(
     learn: Learner,
-    lr: float = 1e-4,                  # Learning rate of the stage that trains every layer
+    lr: float = 1e-4,                  # Learning rate of the stage that trains every layer (its top group with `div`)
     epochs: int = 1,                   # Its epochs
     warmup_epochs: int = 1,            # Epochs training the MLM head and embeddings alone first (0: none)
     warmup_lr: float | None = None,    # Their learning rate (default 10 * lr)
+    div: float | None = None,          # Discriminative factor between layer groups in that stage (None: one rate)
     **kwargs,                          # Passed to `fit_one_cycle`
 ) -> Learner:
     "`mlm_stages` with `fit_stages` (one `fit_one_cycle` per stage; resumable with a `CheckpointCallback`)."
-    return fit_stages(learn, mlm_stages(lr, epochs, warmup_epochs, warmup_lr), **kwargs)
+    return fit_stages(learn, mlm_stages(lr, epochs, warmup_epochs, warmup_lr, div), **kwargs)
 
 
 def marge_stages(lr: float = 3e-3, warmup_epochs: int = 1, epochs: int = 1, div: float = 3.0,
