@@ -1,5 +1,6 @@
 "Checkpoints and resume: an interrupted run, resumed, ends exactly where the uninterrupted one does."
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from fastai.torch_core import set_seed
 from safetensors.torch import load_file
 
 from tests.conftest import reviews_csv
-from ulmfit_tx import CheckpointCallback, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit
+from ulmfit_tx import (CheckpointCallback, Interrupted, Stage, UlmfitError, clas_dataloaders, classifier_learner, fit_stages,
+                       fit_ulmfit)
 from ulmfit_tx.cli import main
 from ulmfit_tx.plots import LossHistory
 
@@ -38,6 +40,31 @@ def _learner(bert_dir, df, *cbs):
 
 
 def _weights(model): return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class SignalAfterFirstFit(Callback):
+    "Sends this process SIGINT when the first stage's fit has ended (after the checkpoint callback's `after_fit`)."
+    order = 101
+    def __init__(self): self.sent = False
+    def after_fit(self):
+        if not self.sent: self.sent = True; os.kill(os.getpid(), signal.SIGINT)
+
+
+class Escaped(Exception): pass
+
+
+def test_a_signal_between_stages_is_caught_checkpointed_and_handlers_are_given_back(bert_dir, small_df, tmp_path):
+    "Between two stages (no fit running) a signal must still stop the run with the checkpoint, not kill it."
+    def escaped(s, f): raise Escaped("the signal reached the handler from before the fit")
+    learn = _learner(bert_dir, small_df, CheckpointCallback(tmp_path / "ck"), SignalAfterFirstFit())
+    before = signal.signal(signal.SIGINT, escaped)
+    try:
+        with learn.no_bar(), learn.no_logging(), pytest.raises(Interrupted):
+            fit_stages(learn, [Stage(1, 1, 1e-3), Stage(None, 1, 1e-4)])
+        assert signal.getsignal(signal.SIGINT) is escaped                  # given back after the interruption
+    finally: signal.signal(signal.SIGINT, before)
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())["position"]
+    assert state == {"stage": 1, "epoch": 0, "step": 0}                   # resume starts the second stage
 
 
 def test_python_api_resume_matches_the_uninterrupted_run(bert_dir, small_df, tmp_path):

@@ -101,6 +101,7 @@ class CheckpointCallback(Callback):
         if every_steps is not None and every_steps < 1: raise UlmfitError(f"checkpoint steps must be positive, not {every_steps}")
         self.folder, self.every_steps, self.settings, self.defer_last = Path(folder), every_steps, settings or {}, defer_last
         self.stage, self.last_stage, self.deferred = 0, True, None    # `fit_stages` sets the stage and whether it is the last
+        self.handlers, self.interrupt = {}, None                      # signal handlers replaced while fitting; a signal seen
         self.loaded = self._load() if resume else None
         self.position = Position(**self.loaded["position"]) if self.loaded else Position()
 
@@ -129,13 +130,15 @@ class CheckpointCallback(Callback):
 
     # --- events ---------------------------------------------------------------------------------------------------
     def before_fit(self):
-        self.interrupt, self.trained = None, False  # `learn.validate()` runs the fit events too: nothing to save then
-        self.handlers = {}
-        if self._main_thread():
+        self.trained = False                        # `learn.validate()` runs the fit events too: nothing to save then
+        if not self.handlers and self._main_thread():                     # kept across the stages of `fit_stages`
+            self.interrupt = None
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.handlers[sig] = signal.signal(sig, lambda s, f: setattr(self, "interrupt", s))
 
     def before_train(self):
+        if self.interrupt is not None:   # came during a validation or between stages: the epoch's checkpoint is written
+            raise Interrupted(f"signal {self.interrupt}: checkpoint written to {self.folder}")
         self.step, self.trained = 0, True
         pos = self.position
         resuming = self.loaded is not None and (self.stage, self.epoch) == (pos.stage, pos.epoch)
@@ -166,6 +169,10 @@ class CheckpointCallback(Callback):
         else: self.save(Position(self.stage + 1, 0, 0) if done else Position(self.stage, self.epoch + 1, 0), epoch_end=True)
 
     def after_fit(self):
+        if self.last_stage: self.release_signals()   # between stages a signal must still be caught (and checkpointed)
+
+    def release_signals(self):
+        "Give SIGTERM and SIGINT back to the handlers they had before the fit (`fit_stages` calls it when it ends)."
         for sig, h in self.handlers.items(): signal.signal(sig, h)
         self.handlers = {}
 

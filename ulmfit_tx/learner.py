@@ -326,15 +326,18 @@ def fit_stages(learn: Learner, stages: list[Stage], **kwargs) -> Learner:
     interrupted one continues from its epoch and step with the saved weights, optimizer and random states."""
     ckpt = next((cb for cb in learn.cbs if isinstance(cb, CheckpointCallback)), None)
     start = ckpt.position if ckpt is not None and ckpt.loaded is not None else Position()
-    for i, st in enumerate(stages):
-        if i < start.stage: continue
-        if st.depth is None: learn.unfreeze()
-        else: learn.freeze_to(-st.depth)
-        if ckpt is not None:
-            ckpt.stage, ckpt.last_stage = i, i == len(stages) - 1
-            if i == start.stage and ckpt.loaded is not None: ckpt.restore(learn)
-        lr = st.lr if st.div is None else ulmfit_lrs(learn, st.lr, st.div)
-        learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, **kwargs)
+    try:
+        for i, st in enumerate(stages):
+            if i < start.stage: continue
+            if st.depth is None: learn.unfreeze()
+            else: learn.freeze_to(-st.depth)
+            if ckpt is not None:
+                ckpt.stage, ckpt.last_stage = i, i == len(stages) - 1
+                if i == start.stage and ckpt.loaded is not None: ckpt.restore(learn)
+            lr = st.lr if st.div is None else ulmfit_lrs(learn, st.lr, st.div)
+            learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, **kwargs)
+    finally:
+        if ckpt is not None: ckpt.release_signals()   # also when a stage raised
     if ckpt is not None and ckpt.loaded is not None:                      # the checkpoint was taken after the last stage
         learn.unfreeze() if stages[-1].depth is None else learn.freeze_to(-stages[-1].depth)
         ckpt.restore(learn)
