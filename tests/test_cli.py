@@ -231,3 +231,14 @@ def test_the_program_flushes_its_output_and_runs_exit_handlers_before_its_fast_e
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("prob_pos") == 1 and len(res.stdout.strip().splitlines()) == 3, res.stdout
     assert (tmp_path / "ran").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(clf_dir):
+    "`ulmfit-tx predict ... | head -1`: no BrokenPipeError traceback, the shell's code for SIGPIPE."
+    texts = [a for _ in range(300) for a in ("--text", "a wonderful film")]   # more than a pipe's 8 KB buffer
+    proc = subprocess.Popen([sys.executable, "-m", "ulmfit_tx.cli", "predict", "--model", str(clf_dir), *texts],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "prob_pos" in proc.stdout.readline()
+    proc.stdout.close()                                                     # the reader goes away
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

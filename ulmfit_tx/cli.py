@@ -576,10 +576,14 @@ def main(argv=None) -> int:
 def run() -> None:
     """The `ulmfit-tx` program: `main`, then exit without tearing the interpreter down. Freeing torch,
     transformers and fastai module by module took 1.2 s after every command (measured); exit handlers and
-    finalizers still run, other threads are joined and output is flushed first, so nothing written is lost."""
+    finalizers still run, other threads are joined and output is flushed first, so nothing written is lost.
+    Output piped into a reader that stops early (`| head`) ends the command quietly, with code 141."""
     import atexit
     import threading
-    rc = main()
+    try: rc = main()
+    except BrokenPipeError:   # the reader went away (`ulmfit-tx predict ... | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 141              # 128 + SIGPIPE, the shell's code for it
     for t in threading.enumerate():
         if t is not threading.current_thread() and not t.daemon: t.join()
     atexit._run_exitfuncs()   # what the interpreter runs at exit: logging, temporary folders, weakref finalizers
