@@ -235,7 +235,7 @@ def test_the_program_flushes_its_output_and_runs_exit_handlers_before_its_fast_e
 
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(clf_dir):
     "`ulmfit-tx predict ... | head -1`: no BrokenPipeError traceback, the shell's code for SIGPIPE."
-    texts = [a for _ in range(300) for a in ("--text", "a wonderful film")]   # more than a pipe's 8 KB buffer
+    texts = [a for _ in range(3000) for a in ("--text", "a wonderful film")]  # ~100 KB: more than the pipe's 64 KB
     proc = subprocess.Popen([sys.executable, "-m", "ulmfit_tx.cli", "predict", "--model", str(clf_dir), *texts],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "prob_pos" in proc.stdout.readline()
