@@ -50,7 +50,7 @@ def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
     from ulmfit_tx import fit_mlm, mlm_dataloaders, mlm_learner
     if (out / "metrics.json").exists(): return json.loads((out / "metrics.json").read_text())
     dls = mlm_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed)
-    learn = mlm_learner(dls, model)
+    learn = mlm_learner(dls, model, precision=a.precision)
     t0 = time.time()
     fit_mlm(learn, a.lm_lr, a.lm_epochs, a.lm_warmup_epochs, a.lm_warmup_lr, a.lm_div)   # no warm-up: one fit_one_cycle
     loss, acc, ppl = learn.validate()
@@ -71,7 +71,7 @@ def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: i
     set_seed(a.seed if a.clf_seed is None else a.clf_seed, reproducible=True)
     df = pd.concat([train.assign(is_valid=False), train.iloc[:32].assign(is_valid=True)], ignore_index=True)
     dls = clas_dataloaders(df, model, max_len=a.max_len, bs=a.bs, truncate=a.truncate)
-    learn = classifier_learner(dls, model)
+    learn = classifier_learner(dls, model, precision=a.precision)
     t0 = time.time()
     with learn.no_bar(), learn.no_logging():
         fit_ulmfit(learn, a.clf_lr, (1, 1, 1, epochs), div=a.clf_div)
@@ -184,6 +184,9 @@ def main():
     ap.add_argument("--clf-div", type=float, help="factor between the learning rates of consecutive layer groups "
                     "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)")
     ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="of the MLM stage and the classifier (default fp32, as the runs in bench/README.md before "
+                    "this option; bf16 pays on a GPU or a CPU with AMX)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage")
     ap.add_argument("--clf-seeds", default="0", help="comma-separated seeds of the classifier's training (head "
                     "initialisation, batch order, dropout); (a) and (b) run with each, paired")
@@ -212,6 +215,8 @@ def main():
     pool = pd.concat([unsup.text, train_half.text]).sample(frac=1, random_state=a.seed)
     warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
     recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}" + (f"_div{a.lm_div}" if a.lm_div else "")
+    amp = {} if a.precision == "fp32" else {"precision": a.precision}   # (the runs cached before the option were fp32)
+    recipe += "".join(f"_{v}" for v in amp.values())
     budgets = [int(x) for x in a.labels.split(",")]
     epochs = [int(x) for x in a.clf_epochs.split(",")]
     epochs = epochs * len(budgets) if len(epochs) == 1 else epochs
@@ -235,7 +240,7 @@ def main():
             for method, model in [(NO_LM, base), (ULMFIT, lm_dir)]:
                 key = {"model": Path(model).name, "labels": n, "epochs": e, "full_test": full is not None and
                        method == ULMFIT and s == seeds[0], **{k: getattr(a, k) for k in ("seed", "clf_seed", "max_len",
-                       "truncate", "clf_lr", "clf_div", "bs", "n_test")}}
+                       "truncate", "clf_lr", "clf_div", "bs", "n_test")}, **amp}
                 r = cached(runs, key, lambda: classifier(
                     a, str(model), train, test, e, test_half if key["full_test"] else None))
                 rows.append({"labels": n, "method": method, "seed": s, **r})

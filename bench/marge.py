@@ -37,6 +37,7 @@ from scale import peak_mb  # noqa: E402
 from speed import minilm  # noqa: E402
 
 DATA = HERE.parents[1] / "shared" / "data"
+PRECISION = "fp32"   # every learner here: the runs in bench/README.md were made in float32
 
 
 def imdb_pool(seed: int = 0) -> list[str]:
@@ -219,7 +220,7 @@ def part_wiki(a):
     doc, n = r.chunks.doc, len(r.chunks)
     sizes = np.bincount(doc)
     chance = float(((sizes[doc] - 1) / (n - 1)).mean())
-    learn = marge_learner(dls, minilm(), reindex_every=a.wiki_reindex, progress=False)
+    learn = marge_learner(dls, minilm(), reindex_every=a.wiki_reindex, progress=False, precision=PRECISION)
     rows = {"chunks": n, "articles": len(store), "chance": chance}
     learn.reindex()
     rows["init"] = own_article(r.neighbours, doc)
@@ -263,7 +264,8 @@ def part_imdb(a):
     adapted, encoders = {}, {"none": ("MiniLM, no adaptation", base)}
     if "mlm" in methods:  # each text once per pass, truncated to the same max_len as Marge's chunks
         t0, out = time.perf_counter(), Path(a.work) / f"imdb_mlm_{a.adapt_texts}"
-        learn = mlm_learner(mlm_dataloaders(texts, base, max_len=a.clf_max_len, mode="docs", bs=16, valid_pct=0.02), base)
+        learn = mlm_learner(mlm_dataloaders(texts, base, max_len=a.clf_max_len, mode="docs", bs=16, valid_pct=0.02), base,
+                            precision=PRECISION)
         with learn.no_bar(): learn.fit_one_cycle(passes, 2e-4)
         learn.save_pretrained(out, force=True)
         adapted["mlm"] = {"minutes": (time.perf_counter() - t0) / 60, "valid": [float(v) for v in learn.recorder.values[-1]]}
@@ -271,14 +273,15 @@ def part_imdb(a):
     if "marge" in methods:
         t0, out = time.perf_counter(), Path(a.work) / f"imdb_marge_{a.adapt_texts}"
         dls = marge_dataloaders(texts, base, max_len=a.clf_max_len, k=4, bs=8, valid_pct=0.02, split_docs=False)
-        learn = marge_learner(dls, base, reindex_every=a.adapt_reindex, progress=False)
+        learn = marge_learner(dls, base, reindex_every=a.adapt_reindex, progress=False, precision=PRECISION)
         with learn.no_bar(): fit_marge(learn, 3e-3, a.adapt_warmup, a.adapt_epochs)
         learn.save_pretrained(out, force=True)
         adapted["marge"] = {"minutes": (time.perf_counter() - t0) / 60, "valid": [float(v) for v in learn.recorder.values[-1]],
                             "reindex": learn.reindexer.history}
         encoders["marge"] = ("MiniLM + Marge", str(out))
     print(json.dumps(adapted, default=float), flush=True)
-    ns = argparse.Namespace(max_len=a.clf_max_len, bs=16, truncate="head+tail", clf_lr=2e-3, clf_div=1.2, seed=0, clf_seed=None)
+    ns = argparse.Namespace(max_len=a.clf_max_len, bs=16, truncate="head+tail", clf_lr=2e-3, clf_div=1.2, seed=0, clf_seed=None,
+                            precision=PRECISION)
     rows = [{"method": "TF-IDF + logistic regression", "seed": 0, **tfidf_baseline(train, test)}]
     for seed in range(a.seeds):
         ns.clf_seed = seed

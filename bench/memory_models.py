@@ -219,7 +219,7 @@ def _imdb_case(a, arch: str):
     tok.save_pretrained(folder)
     df = __import__("pandas").concat([train.assign(is_valid=False), test.assign(is_valid=True)], ignore_index=True)
     dls = ulmfit_tx.clas_dataloaders(df, folder, max_len=max_len, bs=a.clf_bs)
-    learn = ulmfit_tx.classifier_learner(dls, folder, freeze=False)
+    learn = ulmfit_tx.classifier_learner(dls, folder, freeze=False, precision="fp32")   # as the recorded runs
     t0 = time.perf_counter()
     learn.fit_one_cycle(a.epochs, a.lr)
     seconds = time.perf_counter() - t0

@@ -1,7 +1,13 @@
 """Speed of ulmfit_tx against what a user would otherwise run, at every text length: the Hugging Face Trainer
 (with and without `group_by_length`), the `text-classification` pipeline, and the Trainer for MLM. Same IMDb texts,
-same MiniLM-L6 weights, max_len, batch size, learning rate, epochs and precision on both sides; every case runs in
-its own process, the cases alternate in rounds (a slow spell of the machine hits all alike), medians are reported.
+same MiniLM-L6 weights, max_len, batch size, learning rate and epochs on both sides; every case runs in its own
+process, the cases alternate in rounds (a slow spell of the machine hits all alike), medians are reported.
+
+Precision: each side runs its default (ours: `precision="auto"`, bf16 mixed precision on a GPU or on a CPU with AMX;
+the Trainer: float32 unless told, bf16 on a GPU here as before), and, for a like-for-like comparison, ours in float32
+(`clf_ours_fp32`, `mlm_ours_fp32`) and the Trainer with `bf16=True` (`clf_trainer_bf16`, `mlm_trainer_bf16`). The
+summary table gives the three pairings: defaults, bf16 against bf16, float32 against float32. Inference runs in
+float32 on the CPU on both sides.
 
 At each length L (32, 64, 128, 256, 512 tokens) the texts are the leading sentences of IMDb reviews, up to a seeded
 random L/4 to 0.75 L words each (so lengths vary as real short texts do; at 512 many reviews are whole), labelled with
@@ -97,14 +103,22 @@ def peak_mb() -> float:
 
 
 def precision() -> str:
+    "The Trainer's and the pipeline's precision unless a case says otherwise: bf16 on a GPU, else float32 (their default)."
     return "bf16" if device() == "cuda" else "fp32"
 
 
-def trainer_args(a, out: str, lr: float, **kw):
+def our_precision() -> str:
+    "What `precision='auto'` picks here (ulmfit_tx's default)."
+    from ulmfit_tx import default_precision
+    return default_precision()
+
+
+def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
     from transformers import TrainingArguments
     return TrainingArguments(out, per_device_train_batch_size=a.bs, per_device_eval_batch_size=a.bs, num_train_epochs=1,
                              learning_rate=lr, save_strategy="no", eval_strategy="no", logging_strategy="no",
-                             report_to="none", dataloader_num_workers=0, bf16=precision() == "bf16",
+                             report_to="none", dataloader_num_workers=0,
+                             bf16=precision() == "bf16" if bf16 is None else bf16,
                              use_cpu=device() == "cpu", disable_tqdm=True, seed=0, **kw)
 
 
@@ -114,9 +128,10 @@ def clf_command(a, side: str, length: int, out: Path) -> list[str]:
     "The command line of one side of (1)."
     data = length_data(a, length) / "train.csv"
     common = ["--max-len", str(length), "--bs", str(a.bs), "--lr", str(a.lr)]
-    if side == "ours":
+    if side.startswith("clf_ours"):
         return [sys.executable, "-m", "ulmfit_tx.cli", "train-clf", "--model", minilm(), "--data", str(data), "--out",
-                str(out), "--cache", str(out.parent / "cache"), "--schedule", "one-cycle", "--epochs", "1", *common]
+                str(out), "--cache", str(out.parent / "cache"), "--schedule", "one-cycle", "--epochs", "1", *common,
+                *(["--precision", "fp32"] if side == "clf_ours_fp32" else [])]
     return [sys.executable, __file__, "--case", side, "--csv", str(data), "--out", str(out), *common]
 
 
@@ -133,7 +148,7 @@ def run_command(cmd: list[str], out: Path) -> dict:
             "accuracy": m["accuracy"]}
 
 
-def clf_trainer(a, fixed: bool = False):
+def clf_trainer(a, fixed: bool = False, bf16: bool | None = None):
     """What a user writes with the Trainer: read the CSV, tokenize (dynamic padding with `group_by_length`, or fixed
     padding), train, evaluate once, save the model and tokenizer, write the metrics."""
     import numpy as np
@@ -153,7 +168,7 @@ def clf_trainer(a, fixed: bool = False):
                                                                id2label=dict(enumerate(classes)),
                                                                label2id={c: i for i, c in enumerate(classes)})
     accuracy = lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
-    args = trainer_args(a, a.out, a.lr, **({} if fixed else {"train_sampling_strategy": "group_by_length"}))
+    args = trainer_args(a, a.out, a.lr, bf16, **({} if fixed else {"train_sampling_strategy": "group_by_length"}))
     tr = Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid, compute_metrics=accuracy,
                  data_collator=default_data_collator if fixed else DataCollatorWithPadding(tok))
     t = tr.train().metrics["train_runtime"]
@@ -179,7 +194,7 @@ def _mlm_blocks(a):
         if len(view) >= need or n >= len(df): return [view[i][0].numpy() for i in range(min(need, len(view)))]
 
 
-def mlm_ours(a):
+def mlm_ours(a, precision: str = "auto"):
     from fastai.data.core import Datasets, TfmdDL
 
     from ulmfit_tx import HFTokenizer, MaskTokens, PadTokens, mlm_learner
@@ -191,19 +206,19 @@ def mlm_ours(a):
     dls = dsets.dataloaders(bs=a.bs, num_workers=0, dl_type=TfmdDL, before_batch=PadTokens(tfm.pad_id),
                             after_batch=MaskTokens(tfm))
     hist = LossHistory()                                                  # times the training phase
-    learn = mlm_learner(dls, minilm(), precision=precision(), cbs=hist)
+    learn = mlm_learner(dls, minilm(), precision=precision, cbs=hist)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-4)
     return n // a.bs * a.bs, hist.train_seconds
 
 
-def mlm_trainer(a):
+def mlm_trainer(a, bf16: bool | None = None):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
     blocks = _mlm_blocks(a)[:-a.bs]
     tok = AutoTokenizer.from_pretrained(minilm())
     ds = [{"input_ids": b.tolist()} for b in blocks]
     model = AutoModelForMaskedLM.from_pretrained(minilm())
     with tempfile.TemporaryDirectory() as out:
-        tr = Trainer(model=model, args=trainer_args(a, out, 1e-4), train_dataset=ds,
+        tr = Trainer(model=model, args=trainer_args(a, out, 1e-4, bf16), train_dataset=ds,
                      data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15))
         t0 = time.perf_counter()
         tr.train()
@@ -231,7 +246,7 @@ def _export(a) -> Path:
         from ulmfit_tx import clas_dataloaders, classifier_learner
         df = reviews(a, 64).assign(is_valid=[False] * 48 + [True] * 16)
         learn = classifier_learner(clas_dataloaders(df, _clf_folder(a), max_len=a.max_len, cache=False), _clf_folder(a),
-                                   head="native")
+                                   head="native", precision=precision())
         learn.path = path.parent
         learn.export(path.name)
     return path
@@ -345,12 +360,19 @@ def serve_pipeline(a):
                   lambda text: pipe(text, **kw), load_s)
 
 
-CASES = {"mlm_ours": mlm_ours, "mlm_trainer": mlm_trainer, "infer_ours": infer_ours, "infer_pipeline": infer_pipeline,
+CASES = {"mlm_ours": mlm_ours, "mlm_ours_fp32": lambda a: mlm_ours(a, "fp32"), "mlm_trainer": mlm_trainer,
+         "mlm_trainer_bf16": lambda a: mlm_trainer(a, bf16=True), "infer_ours": infer_ours, "infer_pipeline": infer_pipeline,
          "serve_torch": serve_torch, "serve_onnx": serve_onnx, "serve_int8": serve_int8, "serve_pipeline": serve_pipeline}
-CLF_SIDES = {"clf_ours": "ours", "clf_trainer": "Trainer, group_by_length + dynamic padding",
+CLF_SIDES = {"clf_ours": "ours (auto precision)", "clf_ours_fp32": "ours, --precision fp32",
+             "clf_trainer": "Trainer, group_by_length + dynamic padding", "clf_trainer_bf16": "Trainer, group_by_length, bf16=True",
              "clf_trainer_fixed": "Trainer, fixed padding"}
+TRAINER_CASES = {"clf_trainer": {}, "clf_trainer_fixed": {"fixed": True}, "clf_trainer_bf16": {"bf16": True}}
+# The summary's pairings: (label, ours, Trainer) for the classifier and for MLM
+PAIRINGS = [("defaults", "ours", "trainer"), ("bf16 both", "ours", "trainer_bf16"), ("fp32 both", "ours_fp32", "trainer")]
 # (task, ours, theirs, label, target ratio)
 LOOP_PAIRS = [("2. MLM fine-tuning loop", "mlm_ours", "mlm_trainer", "Trainer + DataCollatorForLanguageModeling", 1.2),
+              ("2b. MLM fine-tuning loop, ours in float32", "mlm_ours_fp32", "mlm_trainer", "the Trainer in float32", 1.2),
+              ("2c. MLM fine-tuning loop, the Trainer with bf16=True", "mlm_ours", "mlm_trainer_bf16", "Trainer bf16=True", 1.2),
               ("3. inference", "infer_ours", "infer_pipeline", 'pipeline("text-classification")', 1.2)]
 
 
@@ -409,22 +431,45 @@ def mean_tokens(a, length: int) -> float:
     return sum(min(len(e.ids), length) for e in tok.encode_batch(texts)) / len(texts)
 
 
-def tables(res: dict, a) -> str:
-    lines = ["**1. Classifier, whole command** (`ulmfit-tx train-clf --schedule one-cycle --epochs 1` against a Trainer "
-             "script; ratios are ours / theirs in speed, ≥ 1.2 is the target)", "",
+def ratio(r: dict, ours: str, theirs: str, key: str) -> float | None:
+    "ours / theirs in speed: samples/s over samples/s, or their wall time over ours; None if a side did not run."
+    if ours not in r or theirs not in r: return None
+    return r[theirs]["wall_s"] / r[ours]["wall_s"] if key == "wall_s" else r[ours][key] / r[theirs][key]
+
+
+def summary(res: dict, ours_precision: str) -> list[str]:
+    "The per-length ratios of every pairing: each side's default precision, bf16 on both sides, float32 on both sides."
+    pairs = [(label, o, t) for label, o, t in PAIRINGS if label != "bf16 both" or ours_precision == "bf16"]
+    fmt = lambda x: "" if x is None else f"{x:.2f}×"
+    head = " / ".join(label for label, _, _ in pairs)
+    lines = [f"**Summary** (ours / theirs in speed; ≥ 1.2 is the target; ours' default here: {ours_precision}, the "
+             f"Trainer's: float32 on a CPU). Each cell: {head}", "",
+             "| max_len | classifier loop | classifier whole command | MLM loop | inference (float32) |", "|---|---|---|---|---|"]
+    for length, r in res.items():
+        if not length.isdigit(): continue
+        cells = [" / ".join(fmt(ratio(r, f"{task}_{o}", f"{task}_{t}", key)) for _, o, t in pairs)
+                 for task, key in (("clf", "samples_per_s"), ("clf", "wall_s"), ("mlm", "samples_per_s"))]
+        lines.append(f"| {length} ({r['mean_tokens']:.0f}) | " + " | ".join(cells) +
+                     f" | {fmt(ratio(r, 'infer_ours', 'infer_pipeline', 'samples_per_s'))} |")
+    return lines
+
+
+def tables(res: dict, a, ours_precision: str) -> str:
+    lines = [*summary(res, ours_precision), "",
+             "**1. Classifier, whole command** (`ulmfit-tx train-clf --schedule one-cycle --epochs 1` against a Trainer "
+             "script; ratios: ours with its default precision / this side)", "",
              "| max_len (mean tokens) | n train / valid | side | loop samples/s | loop ratio | whole command s | whole ratio | "
              "train / valid / other s | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for length, r in res.items():
-        o = r.get("clf_ours")
         for name, label in CLF_SIDES.items():
             if name not in r: continue
             t = r[name]
-            loop = f"**{o['samples_per_s'] / t['samples_per_s']:.2f}×**" if o and name != "clf_ours" else ""
-            whole = f"**{t['wall_s'] / o['wall_s']:.2f}×**" if o and name != "clf_ours" else ""
+            loop, whole = (ratio(r, "clf_ours", name, k) if name.startswith("clf_trainer") else None for k in ("samples_per_s", "wall_s"))
             lines.append(f"| {length} ({r['mean_tokens']:.0f}) | {r['n_train']} / {r['n_valid']} | {label} | "
-                         f"{t['samples_per_s']:.1f} | {loop} | {t['wall_s']:.1f} | {whole} | "
+                         f"{t['samples_per_s']:.1f} | {f'**{loop:.2f}×**' if loop else ''} | {t['wall_s']:.1f} | "
+                         f"{f'**{whole:.2f}×**' if whole else ''} | "
                          f"{t['train_s']:.1f} / {t['valid_s']:.1f} / {t['other_s']:.1f} | {t['accuracy']:.3f} |")
-    if not any(name in r for r in res.values() for name in CLF_SIDES): lines = []
+    if not any(name in r for r in res.values() for name in CLF_SIDES): lines = summary(res, ours_precision)
     if "serve" in res: lines += ["", *serve_table(res["serve"])]
     for task, ours, theirs, label, target in LOOP_PAIRS:
         rows = [f"| {length} | {r[ours]['samples_per_s']:.1f} | {r[theirs]['samples_per_s']:.1f} | "
@@ -458,6 +503,7 @@ def plot(res: dict, path: Path):
     import matplotlib.pyplot as plt
     series = {"classifier loop vs Trainer (group_by_length)": lambda r: r["clf_ours"]["samples_per_s"] / r["clf_trainer"]["samples_per_s"],
               "classifier whole command vs Trainer (group_by_length)": lambda r: r["clf_trainer"]["wall_s"] / r["clf_ours"]["wall_s"],
+              "classifier loop vs Trainer bf16=True": lambda r: r["clf_ours"]["samples_per_s"] / r["clf_trainer_bf16"]["samples_per_s"],
               "MLM loop vs Trainer": lambda r: r["mlm_ours"]["samples_per_s"] / r["mlm_trainer"]["samples_per_s"],
               "inference vs pipeline": lambda r: r["infer_ours"]["samples_per_s"] / r["infer_pipeline"]["samples_per_s"]}
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -501,7 +547,7 @@ def main():
     ap.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--csv", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.case in ("clf_trainer", "clf_trainer_fixed"): return clf_trainer(a, fixed=a.case == "clf_trainer_fixed")
+    if a.case in TRAINER_CASES: return clf_trainer(a, **TRAINER_CASES[a.case])
     if a.case: return run_one(a, CASES)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     names = [n for n in [*CLF_SIDES, *CASES] if not a.only or n in a.only.split(",")]
@@ -521,7 +567,7 @@ def main():
                 if n in CLF_SIDES:
                     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
                         out = Path(tmp) / "out"
-                        run = run_command(clf_command(a, "ours" if n == "clf_ours" else n, L, out), out)
+                        run = run_command(clf_command(a, n, L, out), out)
                     msg = f"whole {run['wall_s']:6.1f}s  loop {run['samples_per_s']:7.1f} samples/s  accuracy {run['accuracy']:.3f}"
                 else:
                     run = run_case(argparse.Namespace(**{**vars(a), "max_len": L}), n)
@@ -536,8 +582,8 @@ def main():
     import torch
     env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-           "precision": precision(), "settings": {k: v for k, v in vars(a).items() if k not in ("case", "only", "max_len", "csv")}}
-    md = tables(res, a)
+           "precision": {"ours": our_precision(), "Trainer and pipeline": precision()}, "settings": {k: v for k, v in vars(a).items() if k not in ("case", "only", "max_len", "csv")}}
+    md = tables(res, a, our_precision())
     print(md)
     out, tag = Path(a.out), device() + (f"_{a.tag}" if a.tag else "")
     out.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,11 @@ def main(task: str, model: str, data: str, out: str):
     rec = RecordBatches()
     if task == "clf":
         dls = clas_dataloaders(df, model, max_len=48, bs=4, seed=0)
-        learn = classifier_learner(dls, model, ps=[0.0], output_p=0.0, cbs=rec)
+        learn = classifier_learner(dls, model, ps=[0.0], output_p=0.0, cbs=rec, precision="fp32")   # (compared to 1e-5)
         stages = [Stage(1, 1, 1e-3), Stage(None, 1, 5e-4, 1.2)]          # a frozen stage, then all layers
     elif task == "mlm":
         dls = mlm_dataloaders(df, model, max_len=32, bs=4, seed=0, mode="docs")
-        learn = mlm_learner(dls, model, cbs=rec)
+        learn = mlm_learner(dls, model, cbs=rec, precision="fp32")
         stages = [Stage(None, 1, 1e-3)]
     else:                                                                  # a memory encoder read in segments
         dls = mlm_dataloaders(df, model, max_len=32, bs=4, seed=0, mode="segments")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ulmfit_tx import default_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 IMDB = ROOT.parent / "shared" / "data" / "imdb"
 needs_imdb = pytest.mark.skipif(not (IMDB / "imdb.csv.gz").exists(), reason="../shared/data/imdb is not here")
@@ -31,13 +33,16 @@ def test_speed_benchmark_smoke(tmp_path):
         assert 0 <= serve[side]["accuracy"] <= 1 and serve[side]["peak_mb"] > 0
     assert serve["serve_onnx"]["accuracy"] == serve["serve_torch"]["accuracy"] and "**4. Deployment**" in out
     for length, r in res.items():
-        assert {"clf_ours", "clf_trainer", "clf_trainer_fixed", "mlm_ours", "mlm_trainer", "infer_ours",
-                "infer_pipeline"} <= set(r) and 0 < r["mean_tokens"] <= int(length)
-        for side in ("clf_ours", "clf_trainer", "clf_trainer_fixed"):   # whole command: its parts add up
+        assert {"clf_ours", "clf_ours_fp32", "clf_trainer", "clf_trainer_bf16", "clf_trainer_fixed", "mlm_ours",
+                "mlm_ours_fp32", "mlm_trainer", "mlm_trainer_bf16", "infer_ours", "infer_pipeline"} <= set(r)
+        assert 0 < r["mean_tokens"] <= int(length)
+        for side in ("clf_ours", "clf_ours_fp32", "clf_trainer", "clf_trainer_bf16", "clf_trainer_fixed"):   # parts add up
             c = r[side]
             assert c["wall_s"] > c["train_s"] > 0 and 0 <= c["accuracy"] <= 1 and len(c["rounds"]) == 1
         assert all(r[k]["samples_per_s"] > 0 for k in ("mlm_ours", "mlm_trainer", "infer_ours", "infer_pipeline"))
     assert "| 48 (" in out and "**3. inference**" in out and (tmp_path / "speed_cpu.png").exists()
+    pairings = "defaults / bf16 both / fp32 both" if default_precision() == "bf16" else "defaults / fp32 both"
+    assert "**Summary**" in out and f"Each cell: {pairings}" in out   # the per-length ratios of each precision pairing
 
 
 @needs_imdb

@@ -5,10 +5,12 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from ulmfit_tx.io import iter_chunks
 from tests.conftest import reviews_csv
 from ulmfit_tx.cli import main
+from ulmfit_tx.learner import default_precision
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,18 @@ def test_finetune_lm_head_warmup(tiny_models, csv, tmp_path):
                  "32", "--bs", "8", "--epochs", "1", "--warmup-epochs", "1", "--lr", "1e-4", "--div", "2.6"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["warmup_epochs"], m["warmup_lr"], m["epochs"], m["div"]) == (1, 1e-3, 1, 2.6) and len(m["per_epoch"]) == 2
+    assert m["precision"] == default_precision("cpu")                    # --precision auto, resolved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on a CPU-only machine")
+def test_train_clf_precision_is_recorded_and_fp16_refused_on_cpu(tiny_models, csv, tmp_path, capsys):
+    args = ["train-clf", "--model", str(tiny_models["bert"]), "--data", str(csv), "--max-len", "32", "--bs", "8",
+            "--epochs", "1", "--schedule", "one-cycle"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--precision", "fp32"]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["precision"] == "fp32"
+    assert main([*args, "--out", str(tmp_path / "b"), "--precision", "fp16"]) == 2
+    assert "precision fp16 needs a CUDA GPU, not cpu: use bf16 or fp32" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_finetune_lm_writes_a_hugging_face_folder_and_metrics(lm_dir):

@@ -3,11 +3,10 @@ import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
 
-from ulmfit_tx import (LAYER_DIV, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders,
+from ulmfit_tx import (LAYER_DIV, MixedPrecision, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders,
                        mlm_learner, set_precision, ulmfit_lrs)
-from ulmfit_tx.learner import default_precision
+from ulmfit_tx.learner import cpu_has_bf16_matmul, default_precision
 
 
 def keyword_task(n=96, seed=0):
@@ -91,10 +90,40 @@ def test_lr_find_runs_on_both_learners(bert_dir, small_df, task):
 
 def test_precision_choice(bert_dir, small_df):
     learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32), bert_dir)
-    assert default_precision() == ("fp32" if not torch.cuda.is_available() else default_precision())
-    if not torch.cuda.is_available(): assert not any(isinstance(c, MixedPrecision) for c in learn.cbs)
-    assert any(isinstance(c, MixedPrecision) for c in set_precision(learn, "bf16").cbs)
-    with pytest.raises(UlmfitError, match="precision"): set_precision(learn, "fp8")
+    amp = lambda l: [c for c in l.cbs if isinstance(c, MixedPrecision)]
+    assert default_precision("cpu") == ("bf16" if cpu_has_bf16_matmul() else "fp32")
+    if not torch.cuda.is_available(): assert len(amp(learn)) == (default_precision() == "bf16")   # auto
+    learn = classifier_learner(clas_dataloaders(small_df, bert_dir, max_len=32), bert_dir, precision="fp32")
+    assert not amp(learn)
+    assert len(amp(set_precision(learn, "bf16"))) == 1
+    with pytest.raises(UlmfitError, match="precision must be auto, fp32, fp16 or bf16, not 'fp8'"): set_precision(learn, "fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UlmfitError, match="fp16 needs a CUDA GPU, not cpu: use bf16 or fp32"): set_precision(learn, "fp16")
+
+
+def test_bf16_on_cpu_autocasts_and_keeps_float32_weights(bert_dir):
+    "bf16 on the CPU (fastai's own MixedPrecision only autocasts on CUDA): the training batches' matrix products run "
+    "in bf16, weights, gradients and optimizer state stay float32, the model learns; validation and predictions: float32."
+    seen = []
+    hook = lambda m, i, o: seen.append(o.dtype)
+    torch.manual_seed(0)
+    dls = clas_dataloaders(keyword_task(), bert_dir, max_len=32, bs=8, device="cpu")
+    learn = classifier_learner(dls, bert_dir, precision="bf16")
+    learn.unfreeze()
+    lin = next(m for m in learn.model.hf.modules() if isinstance(m, torch.nn.Linear))
+    handle = lin.register_forward_hook(hook)
+    first = learn.validate()[0]
+    assert set(seen) == {torch.float32}
+    learn.fit_one_cycle(8, 3e-3)
+    assert seen.count(torch.bfloat16) == len(seen) - 9 * len(dls.valid) > 0                   # training batches only
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert all(v.dtype == torch.float32 for s in learn.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim)
+    loss, acc = learn.validate()
+    assert loss < first * 0.5 and acc >= 0.9
+    seen.clear()
+    probs = learn.predict_texts(["the movie was wonderful", "the movie was terrible"])
+    handle.remove()
+    assert list(probs.label) == ["pos", "neg"] and set(seen) == {torch.float32}
 
 
 def test_model_errors(tiny_models, small_df, tmp_path):

@@ -9,9 +9,10 @@ from . import encoders  # noqa: F401 (registers scratch, memxl, compressive and 
 from .encoders import CompressiveConfig, MargeConfig, MargeModel, MemXLConfig, ScratchConfig
 from .export import export_bundle, is_bundle, read_bundle
 from .io import iter_chunks, iter_corpus, read_corpus, read_data, read_folder, read_table
-from .learner import (LAYER_DIV, ClassifierLearner, MargeLearner, MLMLearner, Stage, classifier_learner, fit_marge, fit_stages,
+from .learner import (LAYER_DIV, ClassifierLearner, MargeLearner, MixedPrecision, MLMLearner, Stage, classifier_learner, fit_marge, fit_stages,
                       fit_mlm, fit_ulmfit, load_classifier, marge_learner, marge_stages,
-                      mlm_learner, mlm_stages, set_precision, ulmfit_lrs, ulmfit_stages)
+                      mlm_learner, mlm_stages, cpu_has_bf16_matmul, default_precision, set_precision, ulmfit_lrs,
+                      ulmfit_stages)
 from .memory import MemoryCallback, SegmentDL
 from .mlm import MaskedAccuracy, MaskedPerplexity, MaskTokens, fill_mask, BlockView, DocView, mask_tokens, mlm_dataloaders, mlm_loss
 from .models import (MargeLM, MaskedLM, MemoryMaskedLM, PoolingClassifierHead, SequenceClassifier, classifier_model, marge_model,

@@ -36,7 +36,7 @@ def _data_args(p, labels: bool = True):
     p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU")
+                   help="auto: bf16 mixed precision on a GPU that has it (else fp16) and on a CPU with AMX, else fp32")
 
 
 def _cache_arg(p):
@@ -241,10 +241,12 @@ def _train(learn, stages) -> list:
         return list(values[-1][1:]) if values else learn.validate()
 
 
-def _times(hist, samples: int) -> dict:
-    "Seconds spent training and validating (from `LossHistory`), and the training throughput."
+def _run_stats(learn, hist, samples: int) -> dict:
+    "Seconds spent training and validating (from `LossHistory`), the training throughput, and the precision used."
+    from .learner import precision_of
     return dict(train_time_s=hist.train_seconds, valid_time_s=hist.valid_seconds,
-                train_samples_per_s=samples / hist.train_seconds if hist.train_seconds else None)
+                train_samples_per_s=samples / hist.train_seconds if hist.train_seconds else None,
+                precision=precision_of(learn))
 
 
 def _quiet_libraries(debug: bool):
@@ -299,7 +301,7 @@ def finetune_lm(a):
     metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, div=a.div, warmup_epochs=a.warmup_epochs,
                    warmup_lr=stages[0].lr if a.warmup_epochs else None, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds),
-                   **_times(hist, (a.epochs + a.warmup_epochs) * len(dls.train_ds)))
+                   **_run_stats(learn, hist, (a.epochs + a.warmup_epochs) * len(dls.train_ds)))
     with _finishing(ckpt, a.keep_checkpoints): _save_mlm(learn, hist, metrics, a)
     _say(f"MLM fine-tuned: loss {loss:.4f}, perplexity {ppl:.2f}, masked-token accuracy {acc:.4f} -> {a.out}")
     return metrics
@@ -337,7 +339,7 @@ def pretrain(a):
     metrics = dict(arch=a.arch, mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, dropout=a.dropout,
                    max_len=a.max_len, vocab_size=len(learn.tokenizer.tok), parameters=n_params,
                    n_train_items=len(learn.dls.train_ds), n_valid_items=len(learn.dls.valid_ds),
-                   **_times(hist, a.epochs * len(learn.dls.train_ds)))
+                   **_run_stats(learn, hist, a.epochs * len(learn.dls.train_ds)))
     with _finishing(ckpt, a.keep_checkpoints): _save_mlm(learn, hist, metrics, a)
     _say(f"pretrained {a.arch} ({n_params / 1e6:.1f}M parameters): held-out perplexity {ppl:.2f}, "
           f"masked-token accuracy {acc:.4f}, {metrics['train_time_s']:.0f}s -> {a.out}")
@@ -369,7 +371,7 @@ def pretrain_marge(a):
                    n_chunks=len(dls.train.retriever.chunks), n_train_targets=n_train, n_valid_targets=len(dls.valid_ds),
                    warmup_epochs=a.warmup_epochs, epochs=a.epochs, lr=a.lr, encoder_div=encoder_div, max_len=a.max_len,
                    per_epoch=hist.epochs,
-                   reindex=learn.reindexer.history, **_times(hist, (a.warmup_epochs + a.epochs) * n_train))
+                   reindex=learn.reindexer.history, **_run_stats(learn, hist, (a.warmup_epochs + a.epochs) * n_train))
     with _finishing(ckpt, a.keep_checkpoints), atomic_dir(a.out, a.force) as tmp:
         learn.write_pretrained(tmp)                                      # OUT is the encoder folder train-clf reads
         learn.write_pretrained(tmp / "marge", learn.model.hf)            # the whole model, to continue training
@@ -405,7 +407,7 @@ def train_clf(a):
     metrics = dict(accuracy=acc, valid_loss=valid_loss, schedule=a.schedule, epochs_per_stage=list(epochs),
                    passes=sum(epochs), lr=lr, div=div, head=a.head, max_len=a.max_len, bs=a.bs,
                    n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), labels=[str(v) for v in dls.vocab],
-                   processes=max(1, num_distrib()), **_times(hist, sum(epochs) * len(dls.train_ds)))
+                   processes=max(1, num_distrib()), **_run_stats(learn, hist, sum(epochs) * len(dls.train_ds)))
     from .distributed import rank0_only
     with _finishing(ckpt, a.keep_checkpoints), rank0_only() as main, \
             (atomic_dir(a.out, a.force) if main else nullcontext()) as tmp:

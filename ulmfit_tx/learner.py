@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
+import fastai.callback.fp16
+from fastai.callback.fp16 import AMPMode
 import numpy as np
 import pandas as pd
 import torch
@@ -37,24 +39,65 @@ from .optimizer import FusedAdamW
 from .store import TokenStore
 from .tokenize import HFTokenizer, find_tokenizer
 
-__all__ = ["LAYER_DIV", "default_precision", "set_precision", "norm_and_bias_params", "HFLearner", "MLMLearner",
+__all__ = ["LAYER_DIV", "cpu_has_bf16_matmul", "default_precision", "MixedPrecision", "set_precision", "precision_of", "norm_and_bias_params", "HFLearner", "MLMLearner",
            "ClassifierLearner", "MargeLearner", "mlm_learner", "classifier_learner", "marge_learner", "load_classifier", "ulmfit_lrs", "Stage", "ulmfit_stages", "fit_stages",
            "fit_ulmfit", "mlm_stages", "fit_mlm", "marge_stages", "fit_marge"]
 
 
-def default_precision() -> str:
-    "bf16 mixed precision on a CUDA GPU that has it, fp16 on other CUDA GPUs, float32 on the CPU."
-    if not torch.cuda.is_available(): return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles, Sapphire Rapids and later), where
+    bf16 mixed precision trained MiniLM-L6 1.4-1.7x faster than float32 (bench/README.md). Without AMX, torch
+    emulates bf16 products and they are no faster."""
+    try: return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError: return False   # a torch without the check
+
+
+def default_precision(device: torch.device | str | None = None) -> str:
+    """What `precision="auto"` means on `device` (default: CUDA if there is one, else the CPU): bf16 mixed precision
+    on a CUDA GPU that has it, fp16 on other CUDA GPUs; on the CPU, bf16 where it has AMX
+    (`cpu_has_bf16_matmul`), else float32."""
+    kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if kind == "cpu" and cpu_has_bf16_matmul() else "fp32"
+
+
+class MixedPrecision(fastai.callback.fp16.MixedPrecision):
+    """fastai's `MixedPrecision` on the model's device, not only CUDA (bf16 autocast on the CPU), for the training
+    batches only: weights, gradients and optimizer state stay float32, and validation, `get_preds` and `predict` run
+    in float32, so the metrics of a fit agree with the exported bundle, ONNX graph and Hugging Face folder."""
+
+    def before_fit(self):
+        kind, fp16 = next(self.model.parameters()).device.type, self.amp_mode == AMPMode.FP16
+        if fp16 and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
+        if not fp16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UlmfitError("this GPU has no bf16: use fp16 or fp32")
+        self.autocast = torch.autocast(kind, dtype=torch.float16 if fp16 else torch.bfloat16)
+        self.learn.scaler = torch.amp.GradScaler(kind, enabled=fp16, **self.kwargs)   # fp16 only: bf16 has fp32's range
+        self.scales = L()
+
+    def before_batch(self):
+        if self.training: self.autocast.__enter__()
+
+    def after_loss(self):
+        if self.training: self.autocast.__exit__(None, None, None)
 
 
 def set_precision(learn: Learner, precision: str = "auto") -> Learner:
-    "Apply `precision` ('auto', 'fp32', 'fp16', 'bf16') with fastai's mixed-precision callbacks."
-    precision = default_precision() if precision == "auto" else precision
-    if precision == "fp16": return learn.to_fp16()
-    if precision == "bf16": return learn.to_bf16()
-    if precision != "fp32": raise UlmfitError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
-    return learn
+    """Train `learn` in `precision`: 'auto' (`default_precision` of its data's device), 'fp32', 'fp16' (CUDA) or
+    'bf16' (CUDA, or a CPU: fast with AMX, slow emulation without), with `MixedPrecision`."""
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise UlmfitError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    kind = torch.device(learn.dls.device or "cpu").type
+    precision = default_precision(kind) if precision == "auto" else precision
+    if precision == "fp16" and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
+    if precision == "fp32": return learn
+    return learn.add_cb(MixedPrecision(amp_mode=precision))
+
+
+def precision_of(learn: Learner) -> str:
+    "The precision `learn`'s training batches run in: its `MixedPrecision`'s 'bf16' or 'fp16', else 'fp32'."
+    amp = [cb for cb in learn.cbs if isinstance(cb, fastai.callback.fp16.MixedPrecision)]
+    return amp[0].amp_mode.value if amp else "fp32"
 
 
 def norm_and_bias_params(m: nn.Module, with_bias: bool = True) -> L:
@@ -124,10 +167,10 @@ class ClassifierLearner(HFLearner):
 
     def _probs(self, ids: list, bs: int) -> torch.Tensor:
         """Class probabilities of token id sequences, in input order: `get_preds` on a length-sorted `test_dl`. A learner
-        with only fastai's default callbacks (as `load_classifier` builds) runs the same length-sorted batches without
+        with only fastai's default callbacks (as `load_classifier` builds) and `MixedPrecision` runs the same length-sorted batches without
         fastai's DataLoader and events (about 4 ms a call, a quarter of MiniLM's forward pass on a short review)."""
         if not len(ids): return torch.empty(0, len(self.dls.vocab))
-        if any(type(cb) not in (TrainEvalCallback, Recorder, CastToTensor, ProgressCallback) for cb in self.cbs):
+        if any(type(cb) not in (TrainEvalCallback, Recorder, CastToTensor, ProgressCallback, MixedPrecision) for cb in self.cbs):
             return self.get_preds(dl=self.dls.test_dl(ids, bs=bs, val_res=[len(o) for o in ids]))[0]
         act, tfm = getattr(self.loss_func, "activation", noop), self.tokenizer
         order = np.argsort([-len(o) for o in ids], kind="stable")      # longest first, as `TokenSortedDL`
@@ -212,7 +255,7 @@ def _callbacks(dls, model, cbs) -> L:
 def mlm_learner(
     dls,                           # DataLoaders from `mlm_dataloaders`
     model,                         # Model folder, hub name, Hugging Face model, or `MaskedLM`
-    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
     metrics=None,                  # Default: masked-token accuracy and perplexity
     opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
@@ -234,7 +277,7 @@ def classifier_learner(
     dls,                           # DataLoaders from `clas_dataloaders` (or a DataBlock with `HFTextBlock`)
     model,                         # Model folder (e.g. the MLM fine-tuned one), hub name, or `SequenceClassifier`
     head: str = "pooling",         # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
-    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
     metrics=accuracy,              # fastai metrics
     opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
@@ -264,7 +307,7 @@ def marge_learner(
     model,                         # Encoder folder / hub name / model (a new decoder is added), Marge folder, or `MargeLM`
     from_config: bool = False,     # Build the encoder from `model`'s config with fresh weights (pretraining from nothing)
     reindex_every: int | None = None,  # Training steps between neighbour-table rebuilds (None: at the start of each fit)
-    precision: str = "auto",       # 'auto' (bf16/fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=marge_splitter,       # Parameter groups: encoder, then decoder and beta (`freeze()` trains the decoder)
     metrics=None,                  # Default: beta
     opt_func=FusedAdamW,           # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
