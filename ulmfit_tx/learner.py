@@ -46,8 +46,8 @@ __all__ = ["LAYER_DIV", "cpu_has_bf16_matmul", "default_precision", "MixedPrecis
 
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles, Sapphire Rapids and later), where
-    bf16 mixed precision trained MiniLM-L6 1.4-1.7x faster than float32 (bench/README.md). Without AMX, torch
-    emulates bf16 products and they are no faster."""
+    bf16 mixed precision trained MiniLM-L6 1.4-1.7x faster than float32 in a bare Hugging Face step and 1.5-2.8x in
+    `train-clf` (bench/README.md). Without AMX, torch emulates bf16 products and they are no faster."""
     try: return bool(torch.cpu._is_amx_tile_supported())
     except AttributeError: return False   # a torch without the check
 
