@@ -135,16 +135,21 @@ def test_cli_killed_with_sigkill_then_resumed_ends_as_the_uninterrupted_run(tiny
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_models, data_csv, tmp_path):
+    """The signal lands mid-epoch (after a periodic checkpoint inside an epoch: signalling right after the first epoch's
+    checkpoint would hit the boundary between two stages, where no newer checkpoint is due); the run writes a newer one."""
     args = ["finetune-lm", "--model", tiny_models["bert"], "--data", data_csv, "--max-len", "48", "--bs", "4",
-            "--epochs", "50", "--out", tmp_path / "o"]
+            "--epochs", "50", "--checkpoint-steps", "2", "--out", tmp_path / "o"]
     proc = _run(args)
     state = tmp_path / "o.checkpoint" / "state.json"
-    t0 = time.time()
-    while not state.exists() and time.time() - t0 < 300: time.sleep(0.05)
+    position = lambda: tuple(json.loads(state.read_text())["position"][k] for k in ("stage", "epoch", "step"))
+    t0, seen = time.time(), (0, 0, 0)
+    while seen[2] == 0 and time.time() - t0 < 300:
+        time.sleep(0.02)
+        if state.exists(): seen = position()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
-    assert json.loads(state.read_text())["position"]["step"] > 0 and not (tmp_path / "o").exists()
+    assert position() > seen and not (tmp_path / "o").exists()
 
 
 def test_resume_errors_are_one_line_and_change_nothing(tiny_models, data_csv, tmp_path, capsys):
