@@ -49,13 +49,15 @@ def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
     "MLM fine-tuning (ULMFiT stage 2), cached in `out`."
     from ulmfit_tx import fit_mlm, mlm_dataloaders, mlm_learner
     if (out / "metrics.json").exists(): return json.loads((out / "metrics.json").read_text())
-    dls = mlm_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed)
+    dls = mlm_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed,
+                          whole_word=a.lm_whole_word)
     learn = mlm_learner(dls, model, precision=a.precision)
     t0 = time.time()
     fit_mlm(learn, a.lm_lr, a.lm_epochs, a.lm_warmup_epochs, a.lm_warmup_lr, a.lm_div)   # no warm-up: one fit_one_cycle
     loss, acc, ppl = learn.validate()
     learn.save_pretrained(out, force=True)
     m = {"mlm_loss": loss, "masked_accuracy": acc, "perplexity": ppl, "texts": len(texts), "warmup_epochs": a.lm_warmup_epochs, "div": a.lm_div,
+         "whole_word": a.lm_whole_word,
          "blocks": len(dls.train_ds), "train_time_s": time.time() - t0}
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     return m
@@ -176,6 +178,8 @@ def main():
     ap.add_argument("--lm-warmup-lr", type=float, help="their learning rate (default 10 x --lm-lr)")
     ap.add_argument("--lm-div", type=float, help="discriminative rates when every layer trains (`fit_mlm`'s div: each "
                     "encoder layer this factor below the one above; default: one rate)")
+    ap.add_argument("--lm-whole-word", action="store_true", help="whole-word masking in the MLM stage (a word's "
+                    "subword tokens masked together; default: single tokens)")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--truncate", default="head+tail", choices=["head", "head+tail"])
     ap.add_argument("--clf-epochs", default="10,4",
@@ -214,7 +218,8 @@ def main():
     unsup = pd.read_csv(Path(a.data_dir) / "imdb_unsup.csv.gz", keep_default_na=False)
     pool = pd.concat([unsup.text, train_half.text]).sample(frac=1, random_state=a.seed)
     warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
-    recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}" + (f"_div{a.lm_div}" if a.lm_div else "")
+    recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}" + (f"_div{a.lm_div}" if a.lm_div else "") + \
+        ("_wwm" if a.lm_whole_word else "")
     amp = {} if a.precision == "fp32" else {"precision": a.precision}   # (the runs cached before the option were fp32)
     recipe += "".join(f"_{v}" for v in amp.values())
     budgets = [int(x) for x in a.labels.split(",")]
