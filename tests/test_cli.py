@@ -256,3 +256,17 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(clf_dir):
     proc.stdout.close()                                                     # the reader goes away
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_finetune_lm_says_when_the_checkpoint_has_no_mlm_head(tiny_models, lm_dir, csv, tmp_path, capsys):
+    from transformers import AutoModel, AutoTokenizer
+    enc = tmp_path / "encoder_only"   # an encoder saved without its MLM head, as sentence-embedding models are
+    AutoModel.from_pretrained(tiny_models["bert"]).save_pretrained(enc)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(enc)
+    capsys.readouterr()
+    assert main(["finetune-lm", "--model", str(enc), "--data", str(csv), "--out", str(tmp_path / "lm"), "--max-len",
+                 "32", "--bs", "8", "--epochs", "1", "--warmup-epochs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {enc} has no masked-LM head" in out and "Is stage 2 worth it?" in out
+    assert json.loads((tmp_path / "lm" / "metrics.json").read_text())["new_head"] is True
+    assert json.loads((lm_dir / "metrics.json").read_text())["new_head"] is False   # a full MLM checkpoint: no note

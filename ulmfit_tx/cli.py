@@ -272,6 +272,12 @@ def _seed(seed: int):
     set_seed(seed, reproducible=True)
 
 
+NEW_HEAD_NOTE = ("note: {model} has no masked-LM head (a sentence-embedding model, or an encoder saved without it); "
+                 "a new one starts from scratch (--warmup-epochs trains it first). If the encoder was not pretrained as "
+                 "a masked LM (all-MiniLM-L6-v2 was trained on sentence pairs), this stage was measured not to improve "
+                 "its classifier: README, 'Is stage 2 worth it?'")
+
+
 def finetune_lm(a):
     from .encoders import MEMORY_MODEL_TYPES
     from .io import check_out_dir
@@ -296,9 +302,11 @@ def finetune_lm(a):
                           mlm_prob=a.mlm_prob, whole_word=a.whole_word)
     hist = LossHistory()
     learn = mlm_learner(dls, a.model, precision=a.precision, cbs=[hist, ckpt])
+    if learn.model.new_head: _say(NEW_HEAD_NOTE.format(model=a.model))
     stages = mlm_stages(a.lr, a.epochs, a.warmup_epochs, a.warmup_lr, a.div)
     loss, acc, ppl = _train(learn, stages)
-    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, epochs=a.epochs, lr=a.lr, div=a.div, warmup_epochs=a.warmup_epochs,
+    metrics = dict(mlm_loss=loss, perplexity=ppl, masked_accuracy=acc, new_head=learn.model.new_head, epochs=a.epochs,
+                   lr=a.lr, div=a.div, warmup_epochs=a.warmup_epochs,
                    warmup_lr=stages[0].lr if a.warmup_epochs else None, max_len=max_len, mode=mode,
                    n_train_items=len(dls.train_ds), n_valid_items=len(dls.valid_ds),
                    **_run_stats(learn, hist, (a.epochs + a.warmup_epochs) * len(dls.train_ds)))

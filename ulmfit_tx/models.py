@@ -79,6 +79,7 @@ class PortableHF(nn.Module):
 class MaskedLM(PortableHF):
     "A Hugging Face masked-LM model that takes ids; given `labels`, it runs the MLM head only where labels != -100."
     hf_family = "masked_lm"
+    new_head = False   # `masked_lm_model` sets it: the checkpoint had no MLM head, this one starts from scratch
 
     def __init__(self,
         hf: PreTrainedModel,  # An `AutoModelForMaskedLM` model
@@ -217,10 +218,14 @@ def _check_vocab(hf: PreTrainedModel, tok, src):
 
 
 def masked_lm_model(src, tok) -> MaskedLM:
-    "A `MaskedLM` from a model folder, hub name or model; the MLM head is new if the checkpoint has none."
-    hf = load_hf(src, "masked_lm")
+    """A `MaskedLM` from a model folder, hub name or model. The MLM head is new if the checkpoint has none (a
+    sentence-embedding model, an encoder saved without it); `.new_head` says so."""
+    if isinstance(src, PreTrainedModel): hf, missing = src, ()
+    else: hf, info = load_hf(src, "masked_lm", output_loading_info=True); missing = info["missing_keys"]
     _check_vocab(hf, tok, src)
-    return (MemoryMaskedLM if hf.config.model_type in MEMORY_MODEL_TYPES else MaskedLM)(hf, tok.pad_token_id)
+    model = (MemoryMaskedLM if hf.config.model_type in MEMORY_MODEL_TYPES else MaskedLM)(hf, tok.pad_token_id)
+    model.new_head = any(not k.startswith(hf.base_model_prefix + ".") for k in missing)   # weights outside the encoder
+    return model
 
 
 def label_maps(labels) -> dict:
