@@ -501,18 +501,14 @@ def plot(res: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    series = {"classifier loop vs Trainer (group_by_length)": lambda r: r["clf_ours"]["samples_per_s"] / r["clf_trainer"]["samples_per_s"],
-              "classifier whole command vs Trainer (group_by_length)": lambda r: r["clf_trainer"]["wall_s"] / r["clf_ours"]["wall_s"],
-              "classifier loop vs Trainer bf16=True": lambda r: r["clf_ours"]["samples_per_s"] / r["clf_trainer_bf16"]["samples_per_s"],
-              "MLM loop vs Trainer": lambda r: r["mlm_ours"]["samples_per_s"] / r["mlm_trainer"]["samples_per_s"],
-              "inference vs pipeline": lambda r: r["infer_ours"]["samples_per_s"] / r["infer_pipeline"]["samples_per_s"]}
+    series = {"classifier loop vs Trainer (group_by_length)": ("clf_ours", "clf_trainer", "samples_per_s"),
+              "classifier whole command vs Trainer (group_by_length)": ("clf_ours", "clf_trainer", "wall_s"),
+              "classifier loop vs Trainer bf16=True": ("clf_ours", "clf_trainer_bf16", "samples_per_s"),
+              "MLM loop vs Trainer": ("mlm_ours", "mlm_trainer", "samples_per_s"),
+              "inference vs pipeline": ("infer_ours", "infer_pipeline", "samples_per_s")}
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for label, f in series.items():
-        pts = []
-        for length, r in res.items():
-            if not length.isdigit(): continue
-            try: pts.append((int(length), f(r)))
-            except KeyError: pass
+    for label, pair in series.items():
+        pts = [(int(length), x) for length, r in res.items() if length.isdigit() and (x := ratio(r, *pair)) is not None]
         if pts: ax.plot(*zip(*pts), "o-", label=label)
     ax.axhline(1.2, color="black", ls="--", lw=1, label="target 1.2×")
     ax.axhline(1.0, color="grey", ls=":", lw=1)

@@ -60,6 +60,13 @@ def default_precision(device: torch.device | str | None = None) -> str:
     return "bf16" if kind == "cpu" and cpu_has_bf16_matmul() else "fp32"
 
 
+def _check_amp(precision: str, kind: str):
+    "Refuse a mixed precision that device `kind` cannot run."
+    if precision == "fp16" and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UlmfitError("this GPU has no bf16: use fp16 or fp32")
+
+
 class MixedPrecision(fp16.MixedPrecision):
     """fastai's `MixedPrecision` on the model's device, not only CUDA (bf16 autocast on the CPU), for the training
     batches only: weights, gradients and optimizer state stay float32, and validation, `get_preds` and `predict` run
@@ -67,9 +74,7 @@ class MixedPrecision(fp16.MixedPrecision):
 
     def before_fit(self):
         kind, half = next(self.model.parameters()).device.type, self.amp_mode == fp16.AMPMode.FP16
-        if half and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
-        if not half and kind == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UlmfitError("this GPU has no bf16: use fp16 or fp32")
+        _check_amp(self.amp_mode.value, kind)   # again here: the learner may have moved since `set_precision`
         self.autocast = torch.autocast(kind, dtype=torch.float16 if half else torch.bfloat16)
         self.learn.scaler = torch.amp.GradScaler(kind, enabled=half, **self.kwargs)   # fp16 only: bf16 has fp32's range
         self.scales = L()
@@ -88,7 +93,7 @@ def set_precision(learn: Learner, precision: str = "auto") -> Learner:
         raise UlmfitError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
     kind = torch.device(learn.dls.device or "cpu").type
     precision = default_precision(kind) if precision == "auto" else precision
-    if precision == "fp16" and kind != "cuda": raise UlmfitError(f"precision fp16 needs a CUDA GPU, not {kind}: use bf16 or fp32")
+    _check_amp(precision, kind)
     if precision == "fp32": return learn
     return learn.add_cb(MixedPrecision(amp_mode=precision))
 
