@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM
 
 import ulmfit_tx.kernels as kernels
-from ulmfit_tx.kernels import Dropout, attend, dropout_keep, use_fast_kernels
+from ulmfit_tx.kernels import Dropout, QKVProjection, attend, dropout_keep, fuse_projections, use_fast_kernels
 from ulmfit_tx.models import MaskedLM
 
 from .conftest import ARCHS
@@ -99,6 +99,37 @@ def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypa
     assert drops and all(t is Dropout for t in drops), "some nn.Dropout modules were not switched"
     hf.save_pretrained(tmp_path)  # a saved folder must load without ulmfit_tx
     assert "ulmfit_tx" not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_projections_match_the_plain_ones(arch, tiny_models, tmp_path):
+    """Each self-attention's query, key and value become `QKVProjection`s (one matrix product): same outputs and
+    gradients as the plain model, same state-dict keys, a saved folder that loads without ulmfit_tx, and back."""
+    plain = AutoModelForMaskedLM.from_pretrained(tiny_models[arch]).eval()
+    fused = fuse_projections(AutoModelForMaskedLM.from_pretrained(tiny_models[arch]).eval())
+    projs = [m for m in fused.modules() if isinstance(m, QKVProjection)]
+    assert len(projs) == 3 * (1 if arch == "albert" else fused.config.num_hidden_layers)   # ALBERT shares one layer
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(5, 100, (2, 12))
+    ids[0, 9:] = plain.config.pad_token_id
+    outs = []
+    for m in (plain, fused):
+        out = m(input_ids=ids, attention_mask=ids != plain.config.pad_token_id).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert torch.allclose(a, b, atol=1e-5)
+    assert ga.keys() == gb.keys() and all(torch.allclose(ga[n], gb[n], atol=1e-5) for n in ga)
+    q, k, v = projs[:3]
+    x, y = torch.randn(4, q.in_features), torch.randn(4, q.in_features)
+    with torch.no_grad():   # the key called with another input than the query's is a plain linear layer
+        q(x)
+        assert torch.allclose(k(y), torch.nn.functional.linear(y, k.weight, k.bias), atol=1e-6)
+        assert torch.allclose(v(x), torch.nn.functional.linear(x, v.weight, v.bias), atol=1e-6)
+    fused.save_pretrained(tmp_path)
+    again = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad(): assert torch.allclose(again(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-5)
+    assert not any(isinstance(m, QKVProjection) for m in fuse_projections(fused, False).modules())
 
 
 def test_use_fast_kernels_leaves_our_own_encoders_alone(own_models):
