@@ -142,7 +142,7 @@ _QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))   # BERT, 
 
 def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Switch every self-attention of a Hugging Face model whose query, key and value are `nn.Linear`s of one
-    input to `QKVProjection`s (or, `fuse=False`, back to plain `nn.Linear`s, as for ONNX export). Same parameters,
+    input to `QKVProjection`s (or, `fuse=False`, back to plain `nn.Linear`s). Same parameters,
     outputs and gradients; a MiniLM-L6 training step in bf16 went 179 -> 175 ms at 40 tokens (2-3% from 24 to 140)."""
     for m in list(model.modules()):
         if "Cross" in type(m).__name__: continue
