@@ -119,13 +119,6 @@ class QKVProjection(nn.Linear):
     siblings: list | None = None   # on the first projection: the other two
     _handed: tuple | None = None   # on the others: (input, output) handed over by the first
 
-    @classmethod
-    def of(cls, linear: nn.Linear) -> QKVProjection:
-        "A `QKVProjection` that shares `linear`'s parameters."
-        p = cls.__new__(cls)
-        p.__dict__.update(linear.__dict__)
-        return p
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         handed, self._handed = self._handed, None
         if handed is not None and handed[0] is x: return handed[1]
@@ -149,17 +142,17 @@ def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
         for names in _QKV_NAMES:
             mods = [getattr(m, n, None) for n in names]
             if not all(isinstance(p, nn.Linear) for p in mods) or len({p.in_features for p in mods}) > 1: continue
-            new = [QKVProjection.of(p) if fuse else _plain_linear(p) for p in mods]
+            new = [_sharing(p, QKVProjection if fuse else nn.Linear) for p in mods]
             if fuse: new[0].siblings = new[1:]
             for n, p in zip(names, new): setattr(m, n, p)
     return model
 
 
-def _plain_linear(p: nn.Linear) -> nn.Linear:
-    if type(p) is nn.Linear: return p
-    lin = nn.Linear.__new__(nn.Linear)
-    lin.__dict__.update({k: v for k, v in p.__dict__.items() if k not in ("siblings", "_handed")})
-    return lin
+def _sharing(linear: nn.Linear, cls: type) -> nn.Linear:
+    "A `cls` (`nn.Linear` or `QKVProjection`) with `linear`'s parameters and settings, without its fusion links."
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v for k, v in linear.__dict__.items() if k not in ("siblings", "_handed")})
+    return new
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
