@@ -101,6 +101,14 @@ def test_precision_choice(bert_dir, small_df):
         with pytest.raises(UlmfitError, match="fp16 needs a CUDA GPU, not cpu: use bf16 or fp32"): set_precision(learn, "fp16")
 
 
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_cpu_precision_follows_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
+    "auto is bf16 on a CPU with AMX (Intel) or AVX512-BF16 (AMD Zen 4), where bf16 products are native, else float32."
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert cpu_has_bf16_matmul() == (expected == "bf16") and default_precision("cpu") == expected
+
+
 def test_bf16_on_cpu_autocasts_and_keeps_float32_weights(bert_dir):
     "bf16 on the CPU (fastai's own MixedPrecision only autocasts on CUDA): the training batches' matrix products run "
     "in bf16, weights, gradients and optimizer state stay float32, the model learns; validation and predictions: float32."

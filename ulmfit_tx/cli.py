@@ -36,7 +36,7 @@ def _data_args(p, labels: bool = True):
     p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: bf16 mixed precision on a GPU that has it (else fp16) and on a CPU with AMX, else fp32")
+                   help="auto: bf16 mixed precision on a GPU that has it (else fp16) and on a CPU with AMX or AVX512-BF16, else fp32")
 
 
 def _cache_arg(p):

@@ -44,17 +44,18 @@ __all__ = ["LAYER_DIV", "cpu_has_bf16_matmul", "default_precision", "MixedPrecis
 
 
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles, Sapphire Rapids and later), where
-    bf16 mixed precision trained MiniLM-L6 1.4-1.7x faster than float32 in a bare Hugging Face step and 1.5-2.8x in
-    `train-clf` (bench/README.md). Without AMX, torch emulates bf16 products and they are no faster."""
-    try: return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError: return False   # a torch without the check
+    """Whether this CPU multiplies bfloat16 matrices in hardware: Intel AMX tiles (Sapphire Rapids and later) or
+    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). There bf16 mixed precision trained MiniLM-L6 1.4-1.7x (AMX)
+    and about 2x (Zen 4) faster than float32 in a bare Hugging Face step (bench/README.md). Without them, torch
+    emulates bf16 products and they are no faster."""
+    try: return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError: return False   # a torch without the checks
 
 
 def default_precision(device: torch.device | str | None = None) -> str:
     """What `precision="auto"` means on `device` (default: CUDA if there is one, else the CPU): bf16 mixed precision
-    on a CUDA GPU that has it, fp16 on other CUDA GPUs; on the CPU, bf16 where it has AMX
-    (`cpu_has_bf16_matmul`), else float32."""
+    on a CUDA GPU that has it, fp16 on other CUDA GPUs; on the CPU, bf16 where it has bf16 matrix instructions
+    (`cpu_has_bf16_matmul`: AMX or AVX512-BF16), else float32."""
     kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if kind == "cpu" and cpu_has_bf16_matmul() else "fp32"
@@ -88,7 +89,7 @@ class MixedPrecision(fp16.MixedPrecision):
 
 def set_precision(learn: Learner, precision: str = "auto") -> Learner:
     """Train `learn` in `precision`: 'auto' (`default_precision` of its data's device), 'fp32', 'fp16' (CUDA) or
-    'bf16' (CUDA, or a CPU: fast with AMX, slow emulation without), with `MixedPrecision`."""
+    'bf16' (CUDA, or a CPU: fast with AMX or AVX512-BF16, slow emulation without), with `MixedPrecision`."""
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise UlmfitError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
     kind = torch.device(learn.dls.device or "cpu").type
@@ -259,7 +260,7 @@ def _callbacks(dls, model, cbs) -> L:
 def mlm_learner(
     dls,                           # DataLoaders from `mlm_dataloaders`
     model,                         # Model folder, hub name, Hugging Face model, or `MaskedLM`
-    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX/AVX512-BF16, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
     metrics=None,                  # Default: masked-token accuracy and perplexity
     opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
@@ -281,7 +282,7 @@ def classifier_learner(
     dls,                           # DataLoaders from `clas_dataloaders` (or a DataBlock with `HFTextBlock`)
     model,                         # Model folder (e.g. the MLM fine-tuned one), hub name, or `SequenceClassifier`
     head: str = "pooling",         # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
-    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX/AVX512-BF16, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
     metrics=accuracy,              # fastai metrics
     opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
@@ -311,7 +312,7 @@ def marge_learner(
     model,                         # Encoder folder / hub name / model (a new decoder is added), Marge folder, or `MargeLM`
     from_config: bool = False,     # Build the encoder from `model`'s config with fresh weights (pretraining from nothing)
     reindex_every: int | None = None,  # Training steps between neighbour-table rebuilds (None: at the start of each fit)
-    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX, else fp32), 'fp32', 'fp16' or 'bf16'
+    precision: str = "auto",       # 'auto' (`default_precision`: bf16/fp16 on CUDA, bf16 on a CPU with AMX/AVX512-BF16, else fp32), 'fp32', 'fp16' or 'bf16'
     splitter=marge_splitter,       # Parameter groups: encoder, then decoder and beta (`freeze()` trains the decoder)
     metrics=None,                  # Default: beta
     opt_func=FusedAdamW,           # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
