@@ -3,7 +3,8 @@
 same MiniLM-L6 weights, max_len, batch size, learning rate and epochs on both sides; every case runs in its own
 process, the cases alternate in rounds (a slow spell of the machine hits all alike), medians are reported.
 
-Precision: each side runs its default (ours: `precision="auto"`, bf16 mixed precision on a GPU or on a CPU with AMX;
+Precision: each side runs its default (ours: `precision="auto"`, bf16 mixed precision on a GPU or on a CPU with AMX
+or AVX512-BF16;
 the Trainer: float32 unless told, bf16 on a GPU here as before), and, for a like-for-like comparison, ours in float32
 (`clf_ours_fp32`, `mlm_ours_fp32`) and the Trainer with `bf16=True` (`clf_trainer_bf16`, `mlm_trainer_bf16`). The
 summary table gives the three pairings: defaults, bf16 against bf16, float32 against float32. Inference runs in
@@ -119,7 +120,7 @@ def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
                              learning_rate=lr, save_strategy="no", eval_strategy="no", logging_strategy="no",
                              report_to="none", dataloader_num_workers=0,
                              bf16=precision() == "bf16" if bf16 is None else bf16,
-                             use_cpu=device() == "cpu", disable_tqdm=True, seed=0, **kw)
+                             use_cpu=device() == "cpu", disable_tqdm=True, seed=a.seed, **kw)
 
 
 # ---- 1. the classifier command: ours is the CLI; theirs is this script run as `--case clf_trainer[_fixed]` ----
@@ -127,7 +128,7 @@ def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
 def clf_command(a, side: str, length: int, out: Path) -> list[str]:
     "The command line of one side of (1)."
     data = length_data(a, length) / "train.csv"
-    common = ["--max-len", str(length), "--bs", str(a.bs), "--lr", str(a.lr)]
+    common = ["--max-len", str(length), "--bs", str(a.bs), "--lr", str(a.lr), "--seed", str(a.seed)]
     if side.startswith("clf_ours"):
         return [sys.executable, "-m", "ulmfit_tx.cli", "train-clf", "--model", minilm(), "--data", str(data), "--out",
                 str(out), "--cache", str(out.parent / "cache"), "--schedule", "one-cycle", "--epochs", "1", *common,
@@ -154,7 +155,8 @@ def clf_trainer(a, fixed: bool = False, bf16: bool | None = None):
     import numpy as np
     import pandas as pd
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              default_data_collator)
+                              default_data_collator, set_seed)
+    set_seed(a.seed)   # before the model, so that the new head's initialisation is seeded too
     df = pd.read_csv(a.csv, keep_default_na=False)
     classes = sorted(df.label.unique())
     tok = AutoTokenizer.from_pretrained(minilm())
@@ -526,6 +528,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=49152, help="training texts per length: this / max_len")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5, help="classifier learning rate (both sides)")
+    ap.add_argument("--seed", type=int, default=0, help="classifier and MLM seed (both sides: head, shuffling, dropout)")
     ap.add_argument("--infer-bs", type=int, default=64)
     ap.add_argument("--serve-len", type=int, default=256, help="4. deployment: max_len of the served classifier")
     ap.add_argument("--serve-train", type=int, default=1000, help="4. deployment: training reviews of the served classifier")
