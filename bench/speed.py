@@ -528,7 +528,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=49152, help="training texts per length: this / max_len")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5, help="classifier learning rate (both sides)")
-    ap.add_argument("--seed", type=int, default=0, help="classifier and MLM seed (both sides: head, shuffling, dropout)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of both classifier sides (ours: --seed; the Trainer: set_seed before its model, "
+                    "and TrainingArguments.seed): head, shuffling, dropout")
     ap.add_argument("--infer-bs", type=int, default=64)
     ap.add_argument("--serve-len", type=int, default=256, help="4. deployment: max_len of the served classifier")
     ap.add_argument("--serve-train", type=int, default=1000, help="4. deployment: training reviews of the served classifier")
