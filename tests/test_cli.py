@@ -173,6 +173,9 @@ def _bad(tmp_path, name, content):
     (lambda t, c: _bad(t, "blank.csv", "text,label\nok,pos\n  ,neg\nfine,neg\n"), "1 row.*empty"),
         (lambda t, c: _parquet(t, "numbers.parquet", {"text": [1, 2], "label": ["pos", "neg"]}), "2 row.*not text"),
     (lambda t, c: _bad(t, "one.csv", "text,label\nok,pos\nfine,pos\n"), "single class"),
+    # pandas would make an extra leading field an index without a word: "dull" would be the text, "neg" lost
+    (lambda t, c: _bad(t, "comma.csv", "text,label\nA dull, slow film,neg\nfine,pos\n"), "first row has more fields.*comma"),
+    (lambda t, c: _bad(t, "tab.tsv", "text\tlabel\nA dull\tslow film\tneg\nfine\tpos\n"), "first row has more fields.*tab"),
 ])
 def test_bad_data_gives_one_line_errors(tiny_models, tmp_path, capsys, make_data, message, csv):
     out = tmp_path / "out"

@@ -30,8 +30,7 @@ def read_table(path) -> pd.DataFrame:
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")): df = pd.read_parquet(path)
-        elif name.endswith((".tsv", ".tsv.gz")): df = pd.read_csv(path, sep="\t", keep_default_na=False)
-        elif name.endswith((".csv", ".csv.gz")): df = pd.read_csv(path, keep_default_na=False)
+        elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")): df = _fields_checked(pd.read_csv(path, sep=_sep(name), keep_default_na=False), path)
         else: raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
     except UlmfitError: raise
     except pd.errors.EmptyDataError: raise UlmfitError(f"{path}: the file is empty") from None
@@ -134,14 +133,15 @@ def mark_unknown(docs, unk: str):
 
 
 def _table_columns(path: Path) -> list[str]:
-    "The column names of a table file, read without its rows; duplicate names are refused."
+    "The column names of a table file (its header and first row are read); duplicate names and a first row with more fields are refused."
     name = path.name.lower()
     if not name.endswith(TABLE_SUFFIXES): raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
     try:
         if name.endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
             cols = pd.Index(pq.ParquetFile(path).schema_arrow.names)
-        else: cols = pd.read_csv(path, sep=_sep(name), nrows=0).columns
+        else: cols = _fields_checked(pd.read_csv(path, sep=_sep(name), nrows=1, dtype=str, keep_default_na=False), path).columns
+    except UlmfitError: raise
     except pd.errors.EmptyDataError: raise UlmfitError(f"{path}: the file is empty") from None
     except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
     dup = cols[cols.duplicated()] if name.endswith((".parquet", ".pq")) else cols[cols.str.contains(r"\.\d+$")]
@@ -151,6 +151,15 @@ def _table_columns(path: Path) -> list[str]:
 
 
 def _sep(name: str) -> str: return "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+
+
+def _fields_checked(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`df` as read from CSV/TSV `path`, refused if its first row had more fields than the header: pandas then makes the
+    extra leading fields an index (or drops them) without a word. Usually a text with an unquoted separator in it."""
+    if isinstance(df.index, pd.RangeIndex): return df
+    sep = "tab" if _sep(path.name.lower()) == "\t" else "comma"
+    raise UlmfitError(f"{path}: the first row has more fields than the header's {len(df.columns)} column(s); "
+                      f"a text with a {sep} in it must be quoted (\"...\")")
 
 
 def _table_chunks(path: Path, cols: list[str], rows: int) -> Iterator[pd.DataFrame]:
