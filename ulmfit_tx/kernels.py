@@ -124,7 +124,7 @@ class QKVProjection(nn.Linear):
         if handed is not None and handed[0] is x: return handed[1]
         if not self.siblings: return super().forward(x)
         mods = [self, *self.siblings]
-        bias = torch.cat([m.bias for m in mods]) if all(m.bias is not None for m in mods) else None
+        bias = None if self.bias is None else torch.cat([m.bias for m in mods])   # all three or none (`fuse_projections`)
         out = F.linear(x, torch.cat([m.weight for m in mods]), bias).split([m.out_features for m in mods], -1)
         for m, o in zip(self.siblings, out[1:]): m._handed = (x, o)
         return out[0]
@@ -141,7 +141,7 @@ def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
         if "Cross" in type(m).__name__: continue
         for names in _QKV_NAMES:
             mods = [getattr(m, n, None) for n in names]
-            if not all(isinstance(p, nn.Linear) for p in mods) or len({p.in_features for p in mods}) > 1: continue
+            if not all(isinstance(p, nn.Linear) for p in mods) or len({(p.in_features, p.bias is None) for p in mods}) > 1: continue
             new = [_sharing(p, QKVProjection if fuse else nn.Linear) for p in mods]
             if fuse: new[0].siblings = new[1:]
             for n, p in zip(names, new): setattr(m, n, p)
