@@ -1,5 +1,7 @@
 "Tiny offline models: BERT, RoBERTa, ALBERT and DistilBERT folders with tokenizers trained here."
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from ulmfit_tx.train_tokenizer import train_tokenizer
 hf_logging.set_verbosity_error()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["ULMFIT_TX_CACHE"] = tempfile.mkdtemp(prefix="ulmfit_tx_test_cache-")  # token stores of this run (and its subprocesses)
+atexit.register(shutil.rmtree, os.environ["ULMFIT_TX_CACHE"], ignore_errors=True)  # removed when pytest exits
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "imdb_sample.csv"
 ARCHS = ["bert", "roberta", "albert", "distilbert"]
