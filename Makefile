@@ -53,6 +53,7 @@ test: install
 # encoders against the reference packages. See bench/README.md.
 bench: install
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/loop_ab.py
 	$(BIN)/python bench/imdb.py
 	$(BIN)/python bench/memory_models.py
 

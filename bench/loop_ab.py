@@ -28,7 +28,6 @@ HERE = Path(__file__).resolve().parent
 
 def trainer_stepper(a, df, precision: str):
     "The Trainer's loop over `df`'s training rows, as `step() -> (seconds, padded slots, real tokens)`."
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
     set_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(speed.minilm())
