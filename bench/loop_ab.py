@@ -67,21 +67,19 @@ def measure(a, precision: str) -> dict:
     df = pd.concat([df[~df.is_valid][:a.texts], df[df.is_valid][:a.bs]])   # the fit is stopped before validating
     if (~df.is_valid).sum() < a.texts: raise SystemExit(f"the length set has fewer than {a.texts} texts: raise --tokens")
     theirs_step, ours, theirs = trainer_stepper(a, df, precision), [], []
-    pad_id = None
 
     class Interleave(Callback):
         order = 100   # after every other callback's after_batch
         def before_fit(self): self.t = time.perf_counter()
         def after_batch(self):
             ids = self.xb[0]
-            ours.append((time.perf_counter() - self.t, ids.numel(), int((ids != pad_id).sum())))
+            ours.append((time.perf_counter() - self.t, ids.numel(), int((ids != self.model.pad_id).sum())))
             theirs.append(theirs_step())
             if len(ours) == len(self.dls.train): raise CancelFitException()
             self.t = time.perf_counter()
 
     dls = clas_dataloaders(df, speed.minilm(), max_len=a.max_len, bs=a.bs, cache=False)
     learn = classifier_learner(dls, speed.minilm(), precision=precision, cbs=Interleave())
-    pad_id = learn.model.pad_id
     learn.unfreeze()
     learn.fit_one_cycle(1, a.lr)
     side = lambda rows: {"step_ms": 1000 * median(r[0] for r in rows), "total_s": sum(r[0] for r in rows),
