@@ -31,11 +31,8 @@ def trainer_stepper(a, df, precision: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
     set_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(speed.minilm())
-    train = df[~df.is_valid]
     classes = sorted(df.label.unique())
-    enc = tok(train.text.tolist(), truncation=True, max_length=a.max_len)
-    ds = [{"input_ids": i, "attention_mask": m, "labels": classes.index(l)}
-          for i, m, l in zip(enc["input_ids"], enc["attention_mask"], train.label)]
+    ds = speed.trainer_examples(tok, df[~df.is_valid], classes, a.max_len)
     model = AutoModelForSequenceClassification.from_pretrained(speed.minilm(), num_labels=len(classes))
     args = speed.trainer_args(a, str(Path(a.work) / "loop_ab_trainer"), a.lr, precision == "bf16",
                               train_sampling_strategy="group_by_length")

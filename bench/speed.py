@@ -4,11 +4,10 @@ same MiniLM-L6 weights, max_len, batch size, learning rate and epochs on both si
 process, the cases alternate in rounds (a slow spell of the machine hits all alike), medians are reported.
 
 Precision: each side runs its default (ours: `precision="auto"`, bf16 mixed precision on a GPU or on a CPU with AMX
-or AVX512-BF16;
-the Trainer: float32 unless told, bf16 on a GPU here as before), and, for a like-for-like comparison, ours in float32
-(`clf_ours_fp32`, `mlm_ours_fp32`) and the Trainer with `bf16=True` (`clf_trainer_bf16`, `mlm_trainer_bf16`). The
-summary table gives the three pairings: defaults, bf16 against bf16, float32 against float32. Inference runs in
-float32 on the CPU on both sides.
+or AVX512-BF16; the Trainer: float32 unless told, bf16 on a GPU here as before), and, for a like-for-like
+comparison, ours in float32 (`clf_ours_fp32`, `mlm_ours_fp32`) and the Trainer with `bf16=True` (`clf_trainer_bf16`,
+`mlm_trainer_bf16`). The summary table gives the three pairings: defaults, bf16 against bf16, float32 against
+float32. Inference runs in float32 on the CPU on both sides.
 
 At each length L (32, 64, 128, 256, 512 tokens) the texts are the leading sentences of IMDb reviews, up to a seeded
 random L/4 to 0.75 L words each (so lengths vary as real short texts do; at 512 many reviews are whole), labelled with
@@ -149,6 +148,13 @@ def run_command(cmd: list[str], out: Path) -> dict:
             "accuracy": m["accuracy"]}
 
 
+def trainer_examples(tok, part, classes: list, max_len: int, fixed: bool = False) -> list[dict]:
+    "The Trainer's examples of the rows `part`: token ids (padded to `max_len` if `fixed`), attention mask, class index."
+    enc = tok(part.text.tolist(), truncation=True, max_length=max_len, padding="max_length" if fixed else False)
+    return [{"input_ids": i, "attention_mask": m, "labels": classes.index(l)}
+            for i, m, l in zip(enc["input_ids"], enc["attention_mask"], part.label)]
+
+
 def clf_trainer(a, fixed: bool = False, bf16: bool | None = None):
     """What a user writes with the Trainer: read the CSV, tokenize (dynamic padding with `group_by_length`, or fixed
     padding), train, evaluate once, save the model and tokenizer, write the metrics."""
@@ -161,11 +167,7 @@ def clf_trainer(a, fixed: bool = False, bf16: bool | None = None):
     classes = sorted(df.label.unique())
     tok = AutoTokenizer.from_pretrained(minilm())
 
-    def encode(part):
-        enc = tok(part.text.tolist(), truncation=True, max_length=a.max_len, padding="max_length" if fixed else False)
-        return [{"input_ids": i, "attention_mask": m, "labels": classes.index(l)}
-                for i, m, l in zip(enc["input_ids"], enc["attention_mask"], part.label)]
-    train, valid = encode(df[~df.is_valid]), encode(df[df.is_valid])
+    train, valid = (trainer_examples(tok, part, classes, a.max_len, fixed) for part in (df[~df.is_valid], df[df.is_valid]))
     model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=len(classes),
                                                                id2label=dict(enumerate(classes)),
                                                                label2id={c: i for i, c in enumerate(classes)})
@@ -528,8 +530,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=49152, help="training texts per length: this / max_len")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5, help="classifier learning rate (both sides)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of both classifier sides (ours: --seed; the Trainer: set_seed before its model, "
-                    "and TrainingArguments.seed): head, shuffling, dropout")
+    ap.add_argument("--seed", type=int, default=0, help="seed of both classifier sides (ours: --seed; the Trainer: "
+                    "set_seed before its model, and TrainingArguments.seed): head, shuffling, dropout")
     ap.add_argument("--infer-bs", type=int, default=64)
     ap.add_argument("--serve-len", type=int, default=256, help="4. deployment: max_len of the served classifier")
     ap.add_argument("--serve-train", type=int, default=1000, help="4. deployment: training reviews of the served classifier")
