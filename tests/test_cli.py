@@ -10,7 +10,7 @@ import torch
 from ulmfit_tx.io import iter_chunks
 from tests.conftest import reviews_csv
 from ulmfit_tx.cli import main
-from ulmfit_tx.learner import default_precision
+from ulmfit_tx.precision import default_precision
 
 
 @pytest.fixture(scope="module")

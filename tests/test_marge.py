@@ -9,7 +9,8 @@ from ulmfit_tx.cli import main
 from ulmfit_tx.encoders import MargeConfig, MargeModel, ScratchConfig
 from ulmfit_tx.errors import UlmfitError
 from ulmfit_tx.kernels import Dropout
-from ulmfit_tx.learner import classifier_learner, fit_marge, marge_learner
+from ulmfit_tx.learner import classifier_learner, marge_learner
+from ulmfit_tx.schedule import fit_marge
 from ulmfit_tx.models import marge_model
 from ulmfit_tx.retrieval import Chunks, Retriever, marge_dataloaders, pad_ids, top_k_neighbours
 from ulmfit_tx.store import build_store

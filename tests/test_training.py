@@ -6,7 +6,7 @@ from fastai.callback.core import Callback
 
 from ulmfit_tx import (LAYER_DIV, MixedPrecision, UlmfitError, clas_dataloaders, classifier_learner, fit_ulmfit, mlm_dataloaders,
                        mlm_learner, set_precision, ulmfit_lrs)
-from ulmfit_tx.learner import cpu_has_bf16_matmul, default_precision
+from ulmfit_tx.precision import cpu_has_bf16_matmul, default_precision
 
 
 def keyword_task(n=96, seed=0):

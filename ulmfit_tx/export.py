@@ -26,7 +26,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig
 
-from .data import pad_batch
+from ._version import __version__
+from .batching import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .io import atomic_dir, atomic_file
@@ -58,7 +59,6 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
     "What `ulmfit_tx.json` records: head, classes and the tokenization settings `predict` needs."
-    from . import __version__
     head = model.head
     return {"format": BUNDLE_FORMAT, "ulmfit_tx_version": __version__, "model_type": model.hf.config.model_type,
             "head": "native" if head is None else "pooling", "pooling": None if head is None else head.config,

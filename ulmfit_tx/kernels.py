@@ -2,7 +2,7 @@
 does the same job for Hugging Face models (registered with transformers as "ulmfit_tx"); `Dropout` is
 `nn.Dropout`. `use_fast_kernels` switches a Hugging Face model to them. They are torch's own kernels except
 where torch's CPU path is slow: dropout, whose mask torch draws with `bernoulli_`, one generator call per
-element (`dropout_keep` draws the same mask from 16-bit slices of 64-bit words, about 3x faster), and SDPA
+element (`dropout_keep` draws the same mask from 16-bit slices of 64-bit words, four to a random draw), and SDPA
 with attention dropout, which leaves its fused kernel for that `bernoulli_` and an unfused math path.
 `reuse_freed_memory` stops glibc handing large freed blocks (the word embeddings' gradient) back every step.
 `fuse_projections` computes a self-attention's query, key and value in one matrix product."""
@@ -28,7 +28,7 @@ def dropout_keep(shape: torch.Size | tuple[int, ...], p: float,
                  device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
     """A boolean keep-mask of `shape` whose elements are False with probability `p` (to 1/65536), and
     the scale 1/P(keep) that preserves the expectation. Each element reads 16 bits of a random 64-bit
-    word: on CPU about 4x faster than `bernoulli_`. Reproducible under `torch.manual_seed`."""
+    word, so one generator call serves four elements. Reproducible under `torch.manual_seed`."""
     if not 0 <= p < 1: raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     n, cut = math.prod(shape), round(p * 65536)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits random
@@ -96,9 +96,8 @@ def reuse_freed_memory(
 ) -> bool:
     """Make glibc's malloc keep freed blocks of up to `limit` bytes for reuse instead of unmapping them. Above
     32 MB it maps every block afresh and pays a page fault per 4 KB page when it is first written: the word
-    embeddings' gradient (30,522 x 384 floats, 47 MB, for MiniLM) is allocated anew by every backward pass, which
-    cost 10 ms a step, 3-4% of a step at 32 tokens. Freed memory stays with the process (its peak resident size
-    was unchanged, measured). Set by the first call in a process (later calls report it); Linux with glibc only,
+    embeddings' gradient (30,522 x 384 floats, 47 MB, for MiniLM) is allocated anew by every backward pass. Freed
+    memory stays with the process (its peak resident size does not grow). Set by the first call in a process (later calls report it); Linux with glibc only,
     and not when the user set glibc's malloc variables. Returns whether the setting is in effect."""
     global _reusing
     if _reusing is None:
@@ -136,7 +135,7 @@ _QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))   # BERT, 
 def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Switch every self-attention of a Hugging Face model whose query, key and value are `nn.Linear`s of one
     input to `QKVProjection`s (or, `fuse=False`, back to plain `nn.Linear`s). Same parameters,
-    outputs and gradients; a MiniLM-L6 training step in bf16 went 179 -> 175 ms at 40 tokens (2-3% from 24 to 140)."""
+    outputs and gradients, one matrix product instead of three."""
     for m in list(model.modules()):
         if "Cross" in type(m).__name__: continue
         for names in _QKV_NAMES:

@@ -10,7 +10,7 @@ from fastai.data.core import TfmdDL
 from fastai.text.data import TensorText
 from fastai.torch_core import TensorBase, to_detach
 
-from .data import cached_lengths
+from .batching import cached_lengths
 
 __all__ = ["DocStarts", "SegmentDL", "MemoryCallback"]
 

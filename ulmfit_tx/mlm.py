@@ -14,7 +14,7 @@ from fastai.learner import Metric
 from fastai.text.data import TensorText
 from fasttransform import ItemTransform
 
-from .data import PadTokens, TokenSortedDL, random_split
+from .batching import PadTokens, TokenSortedDL, random_split
 from .errors import UlmfitError
 from .memory import SegmentDL
 from .store import TokenStore, as_store

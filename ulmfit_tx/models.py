@@ -21,7 +21,7 @@ from .io import model_source
 
 __all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "MargeLM", "PoolingClassifierHead", "PoolingClassifierConfig",
            "PoolingForSequenceClassification", "SequenceClassifier",
-           "masked_lm_model", "classifier_model", "marge_model", "load_config"]
+           "masked_lm_model", "classifier_model", "marge_model", "load_config", "default_clf_max_len"]
 
 AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
 
@@ -282,3 +282,9 @@ def load_config(src):
         where = "its config" if Path(src).exists() else "the config of a hub model from here (no such local folder)"
         raise UlmfitError(f"{src}: cannot read {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
+
+
+def default_clf_max_len(model) -> int:
+    "Classifier tokens per text: 256, or up to 2048 for memory encoders (they read long texts segment by segment)."
+    config = load_config(model)
+    return min(2048, config.max_position_embeddings) if config.model_type in MEMORY_MODEL_TYPES else 256

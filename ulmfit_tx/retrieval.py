@@ -18,7 +18,7 @@ from fastai.text.data import TensorText
 from fastai.torch_core import display_df
 from fastprogress.fastprogress import progress_bar
 
-from .data import random_split
+from .batching import random_split
 from .distributed import unwrap
 from .errors import UlmfitError
 from .store import TokenStore, as_store

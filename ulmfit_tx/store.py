@@ -165,7 +165,7 @@ def build_store(
     docs: str = "lines",             # For a plain-text corpus: a document is a line, a file, or a WikiText article
     unk: str | None = None,          # For a plain-text corpus: write WikiText's `<unk>` as this token (the tokenizer's)
     max_docs: int | None = None,     # Read only the first `max_docs` documents
-    chunk_rows: int = 1000,          # Documents read and tokenized at a time (1,000: fastest and leanest measured)
+    chunk_rows: int = 1000,          # Documents read and tokenized at a time (bounds the build's memory)
     force: bool = False,             # Replace an existing `out`
     progress: bool = True,           # Show documents/s while tokenizing
 ) -> TokenStore:
