@@ -11,7 +11,7 @@ DEMO_DATA ?= data/imdb_sample.csv
 DEMO_OUT ?= runs/demo
 DEMO_CLF_LEN ?= 256
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# ruff with the settings in ruff.toml: the linter, then the formatter in check mode (`ruff format .` applies it).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Benchmarks (not tests): speed against the Hugging Face Trainer/pipeline, accuracy on IMDb, the memory
 # encoders against the reference packages. See bench/README.md.

@@ -1,4 +1,5 @@
 "Packaging that reads everything from settings.ini (nbdev style)."
+
 from configparser import ConfigParser
 
 from setuptools import find_packages, setup

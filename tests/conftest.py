@@ -1,4 +1,5 @@
 "Tiny offline models: BERT, RoBERTa, ALBERT and DistilBERT folders with tokenizers trained here."
+
 import atexit
 import os
 import shutil
@@ -15,7 +16,9 @@ from ulmfit_tx.train_tokenizer import train_tokenizer
 
 hf_logging.set_verbosity_error()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["ULMFIT_TX_CACHE"] = tempfile.mkdtemp(prefix="ulmfit_tx_test_cache-")  # token stores of this run (and its subprocesses)
+os.environ["ULMFIT_TX_CACHE"] = tempfile.mkdtemp(
+    prefix="ulmfit_tx_test_cache-"
+)  # token stores of this run (and its subprocesses)
 atexit.register(shutil.rmtree, os.environ["ULMFIT_TX_CACHE"], ignore_errors=True)  # removed when pytest exits
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "imdb_sample.csv"
@@ -27,14 +30,37 @@ N_LAYERS = 2
 def tiny_config(arch: str, tok):
     "A 2-layer, 32-wide config of `arch` for `tok`."
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-    if arch == "bert": return BertConfig(hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=128, **common)
-    if arch == "roberta": return RobertaConfig(hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2,
-                                               intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
-                                               bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, **common)
-    if arch == "albert": return AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=N_LAYERS,
-                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                             **common)
+    if arch == "bert":
+        return BertConfig(
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
+    if arch == "roberta":
+        return RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+            **common,
+        )
+    if arch == "albert":
+        return AlbertConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     return DistilBertConfig(dim=32, n_layers=N_LAYERS, n_heads=2, hidden_dim=64, max_position_embeddings=128, **common)
 
 
@@ -61,7 +87,8 @@ def tiny_models(tmp_path_factory, sample_df):
 
 
 @pytest.fixture(scope="session")
-def bert_dir(tiny_models): return tiny_models["bert"]
+def bert_dir(tiny_models):
+    return tiny_models["bert"]
 
 
 def reviews_csv(folder: Path, sample_df, n_train: int, n_valid: int) -> Path:
@@ -87,13 +114,21 @@ SEGMENT = 16  # segment length of the tiny memory encoders
 def own_models(tmp_path_factory, sample_df):
     "arch -> folder holding a tiny ulmfit_tx encoder (scratch, memxl, compressive) with a WordPiece tokenizer."
     from ulmfit_tx.pretrain import new_config
+
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("own_models")
     tok = train_tokenizer(sample_df.text.tolist()[:300], "wordpiece", 600)
     out = {}
     for arch in OWN_ARCHS:
-        config = new_config(arch, tok, max_len=SEGMENT if arch != "scratch" else 128, layers=N_LAYERS, hidden=32, heads=2,
-                            **({"lmem_len": 4} if arch == "memxl" else {}))
+        config = new_config(
+            arch,
+            tok,
+            max_len=SEGMENT if arch != "scratch" else 128,
+            layers=N_LAYERS,
+            hidden=32,
+            heads=2,
+            **({"lmem_len": 4} if arch == "memxl" else {}),
+        )
         tok.model_max_length = config.max_position_embeddings
         AutoModelForMaskedLM.from_config(config).save_pretrained(root / arch)
         tok.save_pretrained(root / arch)

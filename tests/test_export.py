@@ -20,8 +20,11 @@ def trained(tiny_models):
     torch.manual_seed(0)
     out = {}
     for head in ["pooling", "native"]:
-        learn = classifier_learner(clas_dataloaders(keyword_task(), tiny_models["roberta"], max_len=32, bs=8),
-                                   tiny_models["roberta"], head=head)
+        learn = classifier_learner(
+            clas_dataloaders(keyword_task(), tiny_models["roberta"], max_len=32, bs=8),
+            tiny_models["roberta"],
+            head=head,
+        )
         learn.unfreeze()
         learn.fit_one_cycle(3, 3e-3)
         out[head] = learn
@@ -34,9 +37,12 @@ def _globals_in_pickle(path):
         data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     mods, strings = set(), []
     for op, arg, _ in pickletools.genops(data):
-        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"): strings.append(arg)
-        elif op.name == "STACK_GLOBAL": mods.add(strings[-2])
-        elif op.name == "GLOBAL": mods.add(arg.split(" ")[0])
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL":
+            mods.add(strings[-2])
+        elif op.name == "GLOBAL":
+            mods.add(arg.split(" ")[0])
     return mods
 
 
@@ -50,11 +56,13 @@ def test_export_loads_in_a_fresh_process_with_identical_predictions(trained, hea
     before = learn.predict_texts(TEXTS)
     single = [learn.predict(t) for t in TEXTS]
     assert [str(s[0]) for s in single] == before.label.tolist()
-    code = ("import json, sys; from fastai.learner import load_learner; "
-            f"learn = load_learner({str(tmp_path / 'export.pkl')!r}); "
-            f"r = learn.predict_texts({TEXTS!r}); p = learn.predict({TEXTS[0]!r}); "
-            "print(json.dumps({'labels': r.label.tolist(), 'probs': r.iloc[:, 1:].values.tolist(), "
-            "'one': [str(p[0]), p[2].tolist()]}))")
+    code = (
+        "import json, sys; from fastai.learner import load_learner; "
+        f"learn = load_learner({str(tmp_path / 'export.pkl')!r}); "
+        f"r = learn.predict_texts({TEXTS!r}); p = learn.predict({TEXTS[0]!r}); "
+        "print(json.dumps({'labels': r.label.tolist(), 'probs': r.iloc[:, 1:].values.tolist(), "
+        "'one': [str(p[0]), p[2].tolist()]}))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
@@ -70,10 +78,12 @@ def test_native_head_round_trips_through_a_hugging_face_folder(trained, tmp_path
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert model.config.id2label == {0: "neg", 1: "pos"}
-    with torch.no_grad(): probs = model(**tok(TEXTS[:2], return_tensors="pt", padding=True)).logits.softmax(-1)
+    with torch.no_grad():
+        probs = model(**tok(TEXTS[:2], return_tensors="pt", padding=True)).logits.softmax(-1)
     want = torch.tensor(learn.predict_texts(TEXTS[:2]).iloc[:, 1:].values, dtype=probs.dtype)
     torch.testing.assert_close(probs, want, rtol=0, atol=1e-5)
-    with pytest.raises(UlmfitError, match="exists"): learn.save_pretrained(tmp_path / "hf")
+    with pytest.raises(UlmfitError, match="exists"):
+        learn.save_pretrained(tmp_path / "hf")
 
 
 def test_mlm_save_pretrained_round_trip(bert_dir, small_df, tmp_path):
@@ -89,9 +99,10 @@ def test_mlm_save_pretrained_round_trip(bert_dir, small_df, tmp_path):
 
 def test_fastai_display_and_interpretation_work_on_text(trained):
     from fastai.interpret import ClassificationInterpretation
+
     learn = trained["pooling"]
     learn.dls.show_batch(max_n=2)
-    learn.show_results(max_n=2)                      # fastai 2.8.12's own text show_results fails under plum
+    learn.show_results(max_n=2)  # fastai 2.8.12's own text show_results fails under plum
     interp = ClassificationInterpretation.from_learner(learn)
     losses, idx = interp.top_losses(3)
     assert len(idx) == 3 and (losses[:-1] >= losses[1:]).all()
@@ -99,6 +110,7 @@ def test_fastai_display_and_interpretation_work_on_text(trained):
     interp.plot_confusion_matrix()
     assert interp.confusion_matrix().sum() == len(learn.dls.valid_ds)
     from ulmfit_tx.plots import ConfusionCounts
+
     counts = ConfusionCounts()
-    learn.validate(cbs=counts)                      # counted while validating: the same matrix as fastai's
+    learn.validate(cbs=counts)  # counted while validating: the same matrix as fastai's
     assert (counts.counts.numpy() == interp.confusion_matrix()).all()

@@ -1,5 +1,6 @@
 """CPU training kernels: `attend` against torch's SDPA, the fast dropout mask and `Dropout`, and the "ulmfit_tx"
 attention function and dropout modules that the learners switch Hugging Face models to."""
+
 import os
 import subprocess
 import sys
@@ -19,7 +20,11 @@ from .conftest import ARCHS
 def qkv_mask(seed=0, learned=False):
     "q (2, 3, 5, 8), k, v (2, 3, 7, 8) and an additive mask: a learned bias with padded keys, or padding only."
     g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 3, 5, 8, generator=g),
+        torch.randn(2, 3, 7, 8, generator=g),
+        torch.randn(2, 3, 7, 8, generator=g),
+    )
     keep = torch.rand(2, 1, 1, 7, generator=g) > 0.3
     keep[..., 0] = True
     bias = torch.randn(1, 3, 5, 7, generator=g) if learned else torch.zeros(1, 1, 1, 7)
@@ -38,7 +43,8 @@ def test_attend_with_a_learned_bias_matches_sdpa():
     "The baddbmm path (taken when the additive mask needs a gradient) gives SDPA's output and gradients."
     q, k, v, mask = qkv_mask(learned=True)
     ours, ref = grads_of(attend, q, k, v, mask), grads_of(F.scaled_dot_product_attention, q, k, v, mask)
-    for a, b in zip(ours, ref): assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_dropout_keep_drops_p_and_is_seeded():
@@ -52,20 +58,25 @@ def test_dropout_keep_drops_p_and_is_seeded():
     torch.manual_seed(0)
     assert torch.equal(dropout_keep((1000, 1000), 0.1)[0], keep), "not reproducible under torch.manual_seed"
     assert dropout_keep((7,), 0.0)[0].all()
-    with pytest.raises(ValueError, match="dropout probability"): dropout_keep((3,), 1.0)
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout_keep((3,), 1.0)
 
 
 @pytest.mark.parametrize("bool_mask", [False, True], ids=["additive", "bool"])
 def test_attend_cpu_dropout_is_dropout_on_the_probabilities(bool_mask):
     "On CPU with dropout: softmax, then `dropout_keep`'s mask and scale, then the values; gradients included."
     q, k, v, mask = qkv_mask()
-    if bool_mask: mask = mask == 0
+    if bool_mask:
+        mask = mask == 0
 
     def reference(q, k, v, mask):
         torch.manual_seed(3)
         keep, scale = dropout_keep((6, 5, 7), 0.25)
-        probs = (q @ k.transpose(-1, -2) / 8 ** 0.5 + torch.zeros(mask.shape).masked_fill(~mask, -1e30) if bool_mask
-                 else q @ k.transpose(-1, -2) / 8 ** 0.5 + mask).softmax(-1)
+        probs = (
+            q @ k.transpose(-1, -2) / 8**0.5 + torch.zeros(mask.shape).masked_fill(~mask, -1e30)
+            if bool_mask
+            else q @ k.transpose(-1, -2) / 8**0.5 + mask
+        ).softmax(-1)
         return probs * keep.view(2, 3, 5, 7) * scale @ v
 
     def ours(q, k, v, mask):
@@ -81,7 +92,9 @@ def test_attend_cpu_dropout_is_dropout_on_the_probabilities(bool_mask):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypatch, tmp_path):
     "Wrapped models run `hf_attention`: SDPA's results in eval mode, `attend` when training with dropout on CPU."
-    dropout = {"attention_dropout" if arch == "distilbert" else "attention_probs_dropout_prob": 0.1}  # ALBERT's default is 0
+    dropout = {
+        "attention_dropout" if arch == "distilbert" else "attention_probs_dropout_prob": 0.1
+    }  # ALBERT's default is 0
     sdpa = AutoModelForMaskedLM.from_pretrained(tiny_models[arch], **dropout).eval()
     pad = sdpa.config.pad_token_id
     hf = MaskedLM(AutoModelForMaskedLM.from_pretrained(tiny_models[arch], **dropout), pad).hf.eval()
@@ -89,10 +102,13 @@ def test_hf_models_switch_to_the_ulmfit_tx_attention(arch, tiny_models, monkeypa
     ids = torch.randint(5, 100, (2, 12))
     ids[0, 9:] = pad
     keep = ids != pad
-    with torch.no_grad(): a, b = hf(input_ids=ids, attention_mask=keep).logits, sdpa(input_ids=ids, attention_mask=keep).logits
+    with torch.no_grad():
+        a, b = hf(input_ids=ids, attention_mask=keep).logits, sdpa(input_ids=ids, attention_mask=keep).logits
     assert torch.allclose(a[keep], b[keep], atol=1e-5)
     calls = []
-    monkeypatch.setattr(kernels, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
+    monkeypatch.setattr(
+        kernels, "attend", lambda *a: calls.append(a[4]) or F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])
+    )
     hf.train()(input_ids=ids, attention_mask=keep).logits.sum().backward()
     assert calls and all(p > 0 for p in calls), "training on CPU with dropout did not use attend"
     drops = [type(m) for m in hf.modules() if isinstance(m, torch.nn.Dropout)]
@@ -108,7 +124,7 @@ def test_fused_projections_match_the_plain_ones(arch, tiny_models, tmp_path):
     plain = AutoModelForMaskedLM.from_pretrained(tiny_models[arch]).eval()
     fused = fuse_projections(AutoModelForMaskedLM.from_pretrained(tiny_models[arch]).eval())
     projs = [m for m in fused.modules() if isinstance(m, QKVProjection)]
-    assert len(projs) == 3 * (1 if arch == "albert" else fused.config.num_hidden_layers)   # ALBERT shares one layer
+    assert len(projs) == 3 * (1 if arch == "albert" else fused.config.num_hidden_layers)  # ALBERT shares one layer
     assert fused.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(5, 100, (2, 12))
     ids[0, 9:] = plain.config.pad_token_id
@@ -122,13 +138,14 @@ def test_fused_projections_match_the_plain_ones(arch, tiny_models, tmp_path):
     assert ga.keys() == gb.keys() and all(torch.allclose(ga[n], gb[n], atol=1e-5) for n in ga)
     q, k, v = projs[:3]
     x, y = torch.randn(4, q.in_features), torch.randn(4, q.in_features)
-    with torch.no_grad():   # the key called with another input than the query's is a plain linear layer
+    with torch.no_grad():  # the key called with another input than the query's is a plain linear layer
         q(x)
         assert torch.allclose(k(y), torch.nn.functional.linear(y, k.weight, k.bias), atol=1e-6)
         assert torch.allclose(v(x), torch.nn.functional.linear(x, v.weight, v.bias), atol=1e-6)
     fused.save_pretrained(tmp_path)
     again = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad(): assert torch.allclose(again(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-5)
     assert not any(isinstance(m, QKVProjection) for m in fuse_projections(fused, False).modules())
 
 
@@ -174,5 +191,7 @@ def test_reuse_freed_memory_stops_page_faults_on_large_gradients(user_env):
     res = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, env=env, check=True)
     before, on, again, after = res.stdout.split()
     assert int(before) > 10 * 10_000
-    if user_env: assert (on, again) == ("False", "False") and int(after) > 10 * 10_000
-    else: assert (on, again) == ("True", "True") and int(after) < int(before) / 4
+    if user_env:
+        assert (on, again) == ("False", "False") and int(after) > 10 * 10_000
+    else:
+        assert (on, again) == ("True", "True") and int(after) < int(before) / 4

@@ -1,4 +1,6 @@
-"ONNX export (learn.export_onnx, ulmfit-tx export-onnx) and serving it with ONNX Runtime (load_classifier(backend='onnx'))."
+"""ONNX export (learn.export_onnx, ulmfit-tx export-onnx) and serving it with ONNX Runtime
+(load_classifier(backend='onnx'))."""
+
 import shutil
 
 import pytest
@@ -13,7 +15,10 @@ from .test_training import keyword_task
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
-LONG = ["the film was wonderful " * 40, "terrible"]   # truncated at max_len; batches of other shapes than the traced one
+LONG = [
+    "the film was wonderful " * 40,
+    "terrible",
+]  # truncated at max_len; batches of other shapes than the traced one
 
 
 def _probs(learn, texts, bs=2):
@@ -35,7 +40,7 @@ def test_onnx_predicts_what_pytorch_predicts(trained, head, tmp_path):  # noqa: 
     # labelled data through fastai's own path, as on the learner that wrote it
     df = keyword_task(16, seed=3)
     preds, targs = onnx.get_preds(dl=onnx.dls.test_dl(df, with_labels=True))
-    eager = load_classifier(bundle)                                       # the same bundle on PyTorch
+    eager = load_classifier(bundle)  # the same bundle on PyTorch
     want, want_targs = eager.get_preds(dl=eager.dls.test_dl(df, with_labels=True))
     assert preds.shape == (16, 2) and torch.equal(targs, want_targs)
     torch.testing.assert_close(preds, want, rtol=0, atol=1e-4)
@@ -47,24 +52,31 @@ def test_int8_graph_is_smaller_and_close(trained, tmp_path):  # noqa: F811
     fp32, int8 = learn.export_onnx(bundle / "model.onnx"), learn.export_onnx(bundle / "model.int8.onnx", int8=True)
     assert int8["mb"] < fp32["mb"] and int8["int8"]
     got = _probs(load_classifier(bundle, backend="onnx", int8=True), TEXTS)
-    assert (got - _probs(learn, TEXTS)).abs().max() < 0.05                # quantized: close, not equal
-    with pytest.raises(UlmfitError, match="backend='onnx'"): load_classifier(bundle, int8=True)
+    assert (got - _probs(learn, TEXTS)).abs().max() < 0.05  # quantized: close, not equal
+    with pytest.raises(UlmfitError, match="backend='onnx'"):
+        load_classifier(bundle, int8=True)
 
 
 @pytest.mark.parametrize("arch", ["bert", "albert", "distilbert", "scratch"])
 def test_every_architecture_exports_with_dynamic_batch_and_length(tiny_models, own_models, arch, tmp_path):
     src = own_models[arch] if arch == "scratch" else tiny_models[arch]
     learn = classifier_learner(clas_dataloaders(keyword_task(16), src, max_len=48, bs=8), src)
-    res = learn.export_onnx(tmp_path / "m.onnx")                         # checked on other batch sizes and lengths
+    res = learn.export_onnx(tmp_path / "m.onnx")  # checked on other batch sizes and lengths
     assert res["max_abs_diff"] < 1e-4
-    torch.testing.assert_close(_probs(load_classifier(tmp_path / "m.onnx", backend="onnx"), TEXTS + LONG, bs=3),
-                               _probs(learn, TEXTS + LONG, bs=3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        _probs(load_classifier(tmp_path / "m.onnx", backend="onnx"), TEXTS + LONG, bs=3),
+        _probs(learn, TEXTS + LONG, bs=3),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 def test_memory_encoders_are_refused_with_the_reason(own_models, tmp_path):
-    learn = classifier_learner(clas_dataloaders(keyword_task(16), own_models["memxl"], max_len=2 * SEGMENT, bs=8),
-                               own_models["memxl"])
-    with pytest.raises(UlmfitError, match="segment by segment"): learn.export_onnx(tmp_path / "m.onnx")
+    learn = classifier_learner(
+        clas_dataloaders(keyword_task(16), own_models["memxl"], max_len=2 * SEGMENT, bs=8), own_models["memxl"]
+    )
+    with pytest.raises(UlmfitError, match="segment by segment"):
+        learn.export_onnx(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -74,11 +86,14 @@ def test_cli_export_onnx_and_predict_with_onnx_runtime(trained, tmp_path, capsys
     assert "no model.onnx; write it with: ulmfit-tx export-onnx" in capsys.readouterr().err
     assert main(["export-onnx", "--model", str(bundle)]) == 0
     assert "probabilities within" in capsys.readouterr().out and (bundle / "model.onnx").is_file()
-    assert main(["export-onnx", "--model", str(bundle)]) == 2               # never replaced without --force
+    assert main(["export-onnx", "--model", str(bundle)]) == 2  # never replaced without --force
     assert "exists" in capsys.readouterr().err
     outs = {}
     for backend in ("torch", "onnx"):
-        assert main(["predict", "--model", str(bundle), "--backend", backend, "--text", TEXTS[0], "--text", TEXTS[1]]) == 0
+        assert (
+            main(["predict", "--model", str(bundle), "--backend", backend, "--text", TEXTS[0], "--text", TEXTS[1]])
+            == 0
+        )
         outs[backend] = capsys.readouterr().out.split("\n")[-3:]
     assert [r.split()[:-2] for r in outs["onnx"]] == [r.split()[:-2] for r in outs["torch"]]  # same texts and labels
     # elsewhere: the ONNX file with what it needs beside it, usable without the bundle
@@ -99,6 +114,9 @@ def test_onnx_file_is_not_written_beside_another_models_files(trained, tmp_path)
     assert not (other / "model.onnx").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "tokenizer.json").write_text("{}")                             # a user's file of the same name is kept
-    with pytest.raises(UlmfitError, match="already has tokenizer.json"): trained["pooling"].export_onnx(mine / "m.onnx")
-    assert (mine / "tokenizer.json").read_text() == "{}" and sorted(p.name for p in mine.iterdir()) == ["tokenizer.json"]
+    (mine / "tokenizer.json").write_text("{}")  # a user's file of the same name is kept
+    with pytest.raises(UlmfitError, match="already has tokenizer.json"):
+        trained["pooling"].export_onnx(mine / "m.onnx")
+    assert (mine / "tokenizer.json").read_text() == "{}" and sorted(p.name for p in mine.iterdir()) == [
+        "tokenizer.json"
+    ]

@@ -16,15 +16,17 @@ def learners(tiny_models, sample_df):
     out = {}
     for arch in ARCHS:
         d = tiny_models[arch]
-        out[arch] = (classifier_learner(clas_dataloaders(df, d, max_len=32, bs=8), d),
-                     mlm_learner(mlm_dataloaders(df, d, max_len=32, bs=8), d))
+        out[arch] = (
+            classifier_learner(clas_dataloaders(df, d, max_len=32, bs=8), d),
+            mlm_learner(mlm_dataloaders(df, d, max_len=32, bs=8), d),
+        )
     return out
 
 
 def _check_partition(model, groups):
     ids = [id(p) for g in groups for p in g]
-    assert len(ids) == len(set(ids))                                   # no parameter in two groups
-    assert set(ids) == {id(p) for p in model.parameters()}             # every parameter in one group
+    assert len(ids) == len(set(ids))  # no parameter in two groups
+    assert set(ids) == {id(p) for p in model.parameters()}  # every parameter in one group
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -34,10 +36,10 @@ def test_groups_partition_the_parameters(learners, arch):
     assert len(groups) == CLAS_GROUPS[arch]
     _check_partition(clf.model, groups)
     lm_groups = lm_splitter(lm.model)
-    assert len(lm_groups) == CLAS_GROUPS[arch] - 1                     # embeddings share the head's group
+    assert len(lm_groups) == CLAS_GROUPS[arch] - 1  # embeddings share the head's group
     _check_partition(lm.model, lm_groups)
     tied = lm.model.hf.get_output_embeddings().weight
-    assert any(p is tied for p in lm_groups[-1])                       # the tied decoder trains with the head
+    assert any(p is tied for p in lm_groups[-1])  # the tied decoder trains with the head
 
 
 @pytest.mark.parametrize("arch", ["bert", "albert"])
@@ -57,8 +59,12 @@ def test_freeze_to_trains_exactly_the_top_groups(learners, arch):
 def test_no_weight_decay_on_biases_and_norm_weights(learners):
     clf, _ = learners["bert"]
     clf.unfreeze()
-    norm_or_bias = {id(p) for m in clf.model.modules() for n, p in m.named_parameters(recurse=False)
-                    if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)) or n == "bias"}
+    norm_or_bias = {
+        id(p)
+        for m in clf.model.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)) or n == "bias"
+    }
     for g in clf.opt.param_lists:
         for p in g:
             assert clf.opt.state[p].get("do_wd", True) == (id(p) not in norm_or_bias)
@@ -71,4 +77,6 @@ def test_unknown_architecture_error_says_how_to_fix():
             self.hf = nn.Linear(2, 2)
             self.hf.config = type("C", (), {"model_type": "mystery"})()
             self.hf.base_model = self.hf
-    with pytest.raises(UlmfitError, match="mystery.*splitter=.*register_arch"): clas_splitter(Fake())
+
+    with pytest.raises(UlmfitError, match="mystery.*splitter=.*register_arch"):
+        clas_splitter(Fake())

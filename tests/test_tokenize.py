@@ -27,13 +27,16 @@ def test_head_and_head_tail_truncation(bert_dir):
     ht = HFTokenizer(bert_dir, max_len=42, truncate="head+tail", head_frac=0.25).encode_batch([text])[0]
     assert list(head[1:-1]) == full[:40]
     assert list(ht[1:11]) == full[:10] and list(ht[11:-1]) == full[-30:]
-    with pytest.raises(UlmfitError, match="truncate"): HFTokenizer(bert_dir, truncate="tail")
+    with pytest.raises(UlmfitError, match="truncate"):
+        HFTokenizer(bert_dir, truncate="tail")
 
 
 def test_setups_tokenizes_dataframe_once_and_encodes_rows_and_strings(bert_dir, small_df):
     tfm = HFTokenizer(bert_dir, max_len=32, text_col="text")
 
-    class Items: items = small_df
+    class Items:
+        items = small_df
+
     dsets = Items()
     tfm.setups(dsets)
     assert IDS_COL in dsets.items and IDS_COL not in small_df  # the user's frame is not modified
@@ -70,6 +73,9 @@ def test_word_start_table_marks_the_first_piece_of_each_word(tiny_models, arch):
 
 
 def test_tokenizer_errors(tmp_path, bert_dir):
-    with pytest.raises(UlmfitError, match="no such model folder"): load_tokenizer(tmp_path / "missing")
-    with pytest.raises(UlmfitError, match="no config.json"): load_tokenizer(tmp_path)
-    with pytest.raises(UlmfitError, match="1 text.*not strings"): HFTokenizer(bert_dir).encode_batch(["ok", 3.0])
+    with pytest.raises(UlmfitError, match="no such model folder"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(UlmfitError, match="no config.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(UlmfitError, match="1 text.*not strings"):
+        HFTokenizer(bert_dir).encode_batch(["ok", 3.0])

@@ -1,6 +1,7 @@
 """What ulmfit_tx knows about each Hugging Face architecture (where its embeddings, layers and MLM
 head live), and the splitters built on it: one parameter group for the embeddings, one per
 encoder layer, one for the head, each parameter in exactly one group."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,18 +12,28 @@ from torch import nn
 
 from .errors import UlmfitError
 
-__all__ = ["ArchSpec", "ARCHS", "register_arch", "arch_spec", "max_positions", "encoder_groups", "clas_splitter",
-           "lm_splitter", "marge_splitter"]
+__all__ = [
+    "ArchSpec",
+    "ARCHS",
+    "register_arch",
+    "arch_spec",
+    "max_positions",
+    "encoder_groups",
+    "clas_splitter",
+    "lm_splitter",
+    "marge_splitter",
+]
 
 
 @dataclass
 class ArchSpec:
     "Where the parts of one architecture's base model (and MLM model) are."
-    embeddings: list[str]       # Attribute paths on the base model of the embedding modules (first group)
-    layers: str                 # Attribute path on the base model of the `nn.ModuleList` of encoder layers
-    mlm_head: Callable | None   # f(mlm_model, hidden (N, H)) -> logits (N, V); None: full logits are gathered
-    has_pooler: bool = False    # Whether the base model builds a pooler we drop (`add_pooling_layer=False`)
-    pos_offset: int = 0         # Position slots the model reserves (RoBERTa counts from padding_idx + 1)
+
+    embeddings: list[str]  # Attribute paths on the base model of the embedding modules (first group)
+    layers: str  # Attribute path on the base model of the `nn.ModuleList` of encoder layers
+    mlm_head: Callable | None  # f(mlm_model, hidden (N, H)) -> logits (N, V); None: full logits are gathered
+    has_pooler: bool = False  # Whether the base model builds a pooler we drop (`add_pooling_layer=False`)
+    pos_offset: int = 0  # Position slots the model reserves (RoBERTa counts from padding_idx + 1)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -30,10 +41,17 @@ ARCHS: dict[str, ArchSpec] = {
     "roberta": ArchSpec(["embeddings"], "encoder.layer", lambda m, h: m.lm_head(h), has_pooler=True, pos_offset=2),
     # ALBERT shares one transformer layer across all depths: its groups are the embeddings with the
     # projection into the hidden size, the one shared layer group, and the head.
-    "albert": ArchSpec(["embeddings", "encoder.embedding_hidden_mapping_in"], "encoder.albert_layer_groups",
-                       lambda m, h: m.predictions(h), has_pooler=True),
-    "distilbert": ArchSpec(["embeddings"], "transformer.layer",
-                           lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))),
+    "albert": ArchSpec(
+        ["embeddings", "encoder.embedding_hidden_mapping_in"],
+        "encoder.albert_layer_groups",
+        lambda m, h: m.predictions(h),
+        has_pooler=True,
+    ),
+    "distilbert": ArchSpec(
+        ["embeddings"],
+        "transformer.layer",
+        lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+    ),
 }
 
 
@@ -45,9 +63,11 @@ def register_arch(model_type: str, spec: ArchSpec):
 def arch_spec(model_type: str) -> ArchSpec:
     "The spec of `model_type`, or an error that says how to add one."
     if model_type not in ARCHS:
-        raise UlmfitError(f"no layer groups known for model type {model_type!r} (known: {', '.join(ARCHS)}); "
-                          "pass splitter=your_function to the learner (it returns a list of parameter lists), "
-                          "or describe it with ulmfit_tx.register_arch(model_type, ArchSpec(...))")
+        raise UlmfitError(
+            f"no layer groups known for model type {model_type!r} (known: {', '.join(ARCHS)}); "
+            "pass splitter=your_function to the learner (it returns a list of parameter lists), "
+            "or describe it with ulmfit_tx.register_arch(model_type, ArchSpec(...))"
+        )
     return ARCHS[model_type]
 
 
@@ -69,7 +89,9 @@ def _params(modules, seen: set) -> list[nn.Parameter]:
     out = []
     for m in modules:
         for p in m.parameters():
-            if id(p) not in seen: seen.add(id(p)); out.append(p)
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
     return out
 
 
@@ -92,7 +114,6 @@ def lm_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     """MLM groups: each encoder layer, then the embeddings together with the MLM head, whose decoder is
     tied to the word embeddings (as fastai's `awd_lstm_lm_split`): `freeze()` trains embeddings and head."""
     return _groups(model, emb_last=True)
-
 
 
 def marge_splitter(model: nn.Module) -> list[list[nn.Parameter]]:

@@ -1,9 +1,9 @@
 """Classification data: documents read from a token store (or a `TransformBlock` over `HFTokenizer` for a
 DataBlock), length-sorted batches with dynamic padding."""
+
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 from fastai.data.block import TransformBlock
 from fastai.data.core import DataLoaders, Datasets
@@ -24,42 +24,55 @@ class StoreText(Transform):
     tokens as `tfm` does). Texts and ids (`predict`, `test_dl`) pass through to `HFTokenizer`. The store is
     not pickled: an exported learner reads texts."""
 
-    def __init__(self,
-        store: TokenStore,   # The token store
-        tfm: HFTokenizer,    # The tokenizer transform that made it (gives max_len, truncation, special tokens)
+    def __init__(
+        self,
+        store: TokenStore,  # The token store
+        tfm: HFTokenizer,  # The tokenizer transform that made it (gives max_len, truncation, special tokens)
     ):
         super().__init__()
         self.store, self.tfm = store, tfm
 
-    def encodes(self, i: int | np.integer): return TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(i)), dtype=torch.long))
+    def encodes(self, i: int | np.integer):
+        return TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(i)), dtype=torch.long))
 
     def lengths(self, idx) -> np.ndarray:
         "Model input lengths of the documents `idx`, from the store's offsets."
         extra = len(self.tfm.prefix) + len(self.tfm.suffix)
         return np.minimum(self.store.lengths(np.asarray(idx, dtype=np.int64)) + extra, self.tfm.max_len)
 
-    def __getstate__(self): return {**self.__dict__, "store": None}
+    def __getstate__(self):
+        return {**self.__dict__, "store": None}
 
 
 class StoreLabel(Transform):
     "Item: the index of a document in a token store -> its class name (then `Categorize`). Not pickled with the store."
-    def __init__(self, store: TokenStore): super().__init__(); self.store = store
-    def encodes(self, i: int | np.integer): return self.store.classes[self.store.labels[i]]
-    def __getstate__(self): return {**self.__dict__, "store": None}
+
+    def __init__(self, store: TokenStore):
+        super().__init__()
+        self.store = store
+
+    def encodes(self, i: int | np.integer):
+        return self.store.classes[self.store.labels[i]]
+
+    def __getstate__(self):
+        return {**self.__dict__, "store": None}
 
 
 def HFTextBlock(
-    tokenizer,                   # A fast tokenizer, or a model folder / hub name
-    text_col: str = "text",      # DataFrame column with the texts
+    tokenizer,  # A fast tokenizer, or a model folder / hub name
+    text_col: str = "text",  # DataFrame column with the texts
     max_len: int | None = None,  # Longest sequence, special tokens included
-    truncate: str = "head",      # "head" or "head+tail" (keep the start and the end of long texts)
-    head_frac: float = 0.25,     # With "head+tail": the share of tokens kept from the start
-    multiple_of: int = 1,        # Pad batches to a multiple of this length
+    truncate: str = "head",  # "head" or "head+tail" (keep the start and the end of long texts)
+    head_frac: float = 0.25,  # With "head+tail": the share of tokens kept from the start
+    multiple_of: int = 1,  # Pad batches to a multiple of this length
 ) -> TransformBlock:
     "A `TransformBlock` for texts in a DataFrame: tokenized once when the DataLoaders are built, padded per batch."
     tfm = HFTokenizer(tokenizer, max_len, truncate, head_frac, text_col)
-    return TransformBlock(type_tfms=tfm, dl_type=TokenSortedDL,
-                          dls_kwargs={"before_batch": PadTokens(tfm.pad_id, tfm.pad_first, multiple_of)})
+    return TransformBlock(
+        type_tfms=tfm,
+        dl_type=TokenSortedDL,
+        dls_kwargs={"before_batch": PadTokens(tfm.pad_id, tfm.pad_first, multiple_of)},
+    )
 
 
 def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pct: float = 0.2, seed: int = 42):
@@ -76,27 +89,32 @@ def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pc
 
 
 def clas_dataloaders(
-    source,                            # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
-    tokenizer,                         # A fast tokenizer, or a model folder / hub name
-    text_col: str = "text",            # Column with the texts
-    label_col: str = "label",          # Column with the labels (strings or ints)
-    valid_col: str | None = "is_valid",# Boolean column marking validation rows; random split if the data has none
-    valid_pct: float = 0.2,            # Validation share of a random split
-    seed: int = 42,                    # Seed of a random split
-    max_len: int | None = None,        # Longest sequence, special tokens included
-    truncate: str = "head",            # "head" or "head+tail"
-    bs: int = 32,                      # Batch size
-    cache=None,                        # Token store cache for a file source (None: the default cache; False: none)
-    **kwargs,                          # Passed to `Datasets.dataloaders` (e.g. `device`)
+    source,  # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
+    tokenizer,  # A fast tokenizer, or a model folder / hub name
+    text_col: str = "text",  # Column with the texts
+    label_col: str = "label",  # Column with the labels (strings or ints)
+    valid_col: str | None = "is_valid",  # Boolean column marking validation rows; random split if the data has none
+    valid_pct: float = 0.2,  # Validation share of a random split
+    seed: int = 42,  # Seed of a random split
+    max_len: int | None = None,  # Longest sequence, special tokens included
+    truncate: str = "head",  # "head" or "head+tail"
+    bs: int = 32,  # Batch size
+    cache=None,  # Token store cache for a file source (None: the default cache; False: none)
+    **kwargs,  # Passed to `Datasets.dataloaders` (e.g. `device`)
 ) -> DataLoaders:
     """Classification `DataLoaders` over a token store: the texts are tokenized once (into the cache for a
     file, reused on the next run), items are document indices, batches are length-sorted and padded to their
     longest text."""
     tfm = HFTokenizer(tokenizer, max_len, truncate)
     store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col)
-    if store.classes is None: raise UlmfitError(f"{store.path}: the token store has no labels; build it with a label column")
+    if store.classes is None:
+        raise UlmfitError(f"{store.path}: the token store has no labels; build it with a label column")
     check_classes(store.classes, label_col, store.meta["source"]["name"])
-    dsets = Datasets(range(len(store)), tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), Categorize(vocab=store.classes, sort=False)]],
-                     splits=store_splits(store, valid_col, valid_pct, seed))
-    return dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
-                             **kwargs)
+    dsets = Datasets(
+        range(len(store)),
+        tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), Categorize(vocab=store.classes, sort=False)]],
+        splits=store_splits(store, valid_col, valid_pct, seed),
+    )
+    return dsets.dataloaders(
+        bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first), **kwargs
+    )

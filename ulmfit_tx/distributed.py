@@ -4,6 +4,7 @@ epoch's indices on the CPU too (gloo) and deals whole batches to the ranks, so l
 homogeneous and every rank steps the same number of times; `ShardedTrainer` (in place of `DistributedTrainer`,
 whose accelerate path leaves the model unwrapped on CPU) wraps the model with unused parameters allowed (frozen
 groups, memory writers) and sums the validation metrics over the ranks; `rank0_only` is where outputs are written."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,17 @@ from fastcore.basics import noop
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["is_rank0", "barrier", "rank0_only", "rank0_first", "init_distributed", "ShardedDL", "ShardedTrainer",
-           "sync_metric", "unwrap"]
+__all__ = [
+    "is_rank0",
+    "barrier",
+    "rank0_only",
+    "rank0_first",
+    "init_distributed",
+    "ShardedDL",
+    "ShardedTrainer",
+    "sync_metric",
+    "unwrap",
+]
 
 
 def is_rank0() -> bool:
@@ -29,7 +39,8 @@ def is_rank0() -> bool:
 
 def barrier():
     "Wait for every process (a no-op in a single process)."
-    if num_distrib() > 1 and dist.is_initialized(): dist.barrier()
+    if num_distrib() > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 @contextmanager
@@ -39,29 +50,36 @@ def rank0_only():
     barrier()
     saved = os.environ.get("WORLD_SIZE")
     try:
-        if is_rank0() and saved is not None: os.environ["WORLD_SIZE"] = "1"
+        if is_rank0() and saved is not None:
+            os.environ["WORLD_SIZE"] = "1"
         yield is_rank0()
     finally:
-        if saved is not None: os.environ["WORLD_SIZE"] = saved
+        if saved is not None:
+            os.environ["WORLD_SIZE"] = saved
         barrier()
 
 
 @contextmanager
 def rank0_first():
     "Rank 0 runs the block first (e.g. builds a cached token store), then the other ranks (which then find it)."
-    if not is_rank0(): barrier()
-    try: yield
+    if not is_rank0():
+        barrier()
+    try:
+        yield
     finally:
-        if is_rank0(): barrier()
+        if is_rank0():
+            barrier()
 
 
 def init_distributed() -> bool:
     """Join the process group a launcher (`torchrun`, `accelerate launch`) describes in the environment: nccl on
     CUDA, gloo on the CPU. True when this is a run of several processes."""
-    if num_distrib() <= 1: return False
+    if num_distrib() <= 1:
+        return False
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
-        if cuda: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
@@ -75,7 +93,8 @@ class ShardedDL(DistributedDL):
     def _broadcast(self, t, rank):
         t = torch.as_tensor(t, dtype=torch.long)
         cuda = dist.get_backend() == "nccl"
-        if cuda: t = t.cuda()
+        if cuda:
+            t = t.cuda()
         dist.broadcast(t, rank)
         return t.cpu().tolist()
 
@@ -84,20 +103,23 @@ class ShardedDL(DistributedDL):
         w = self.world_size
         return -(-n // w) if self.dl.drop_last or self.dl.shuffle else len(range(self.rank, n, w))
 
-    def __len__(self): return self._batches(len(self.dl))
+    def __len__(self):
+        return self._batches(len(self.dl))
 
     def get_idxs(self):
-        idxs = self._broadcast(list(self.dl.get_idxs()), 0)              # rank 0's order (every rank computes one)
+        idxs = self._broadcast(list(self.dl.get_idxs()), 0)  # rank 0's order (every rank computes one)
         bs = self.dl.bs
-        batches = [idxs[i:i + bs] for i in range(0, len(idxs), bs)]
-        if self.dl.drop_last and batches and len(batches[-1]) < bs: batches.pop()
-        if self.dl.drop_last or self.dl.shuffle:                         # training: every rank the same number of steps
+        batches = [idxs[i : i + bs] for i in range(0, len(idxs), bs)]
+        if self.dl.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        if self.dl.drop_last or self.dl.shuffle:  # training: every rank the same number of steps
             batches += batches[: self._batches(len(batches)) * self.world_size - len(batches)]
-        mine = batches[self.rank::self.world_size]
+        mine = batches[self.rank :: self.world_size]
         self.n = sum(map(len, mine))
         return [i for b in mine for i in b]
 
-    def to_detach(self, b, cpu=True, gather=True): return to_detach(b, cpu, gather=False)
+    def to_detach(self, b, cpu=True, gather=True):
+        return to_detach(b, cpu, gather=False)
 
 
 def sync_metric(met):
@@ -107,7 +129,8 @@ def sync_metric(met):
     if names:
         vals = torch.tensor([float(getattr(met, n)) for n in names], dtype=torch.float64)
         dist.all_reduce(vals)
-        for n, v in zip(names, vals.tolist()): setattr(met, n, v)
+        for n, v in zip(names, vals.tolist()):
+            setattr(met, n, v)
     elif hasattr(met, "preds") and hasattr(met, "targs"):
         for name in ("preds", "targs"):
             local = torch.cat(getattr(met, name)) if getattr(met, name) else torch.zeros(0)
@@ -121,10 +144,10 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(counts, n)
     m = int(max(counts))
     padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     out = [torch.zeros_like(padded) for _ in counts]
     dist.all_gather(out, padded)
-    return torch.cat([o[:int(c)] for o, c in zip(out, counts)])
+    return torch.cat([o[: int(c)] for o, c in zip(out, counts)])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,6 +161,7 @@ class ShardedTrainer(Callback):
     broadcast per step: ours never change, and BatchNorm statistics are made equal before validating), the
     DataLoaders sharded (`ShardedDL`; a memory encoder's `SegmentDL` is split by rows, so a document stays on one
     rank and is read in order), BatchNorm synced on GPUs, and validation metrics summed over the ranks."""
+
     order = 11
 
     def __init__(self, sync_bn: bool = True):  # Replace BatchNorm by SyncBatchNorm (GPUs only)
@@ -146,29 +170,39 @@ class ShardedTrainer(Callback):
     def before_fit(self):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if self.sync_bn else self.model
         cuda = next(model.parameters()).is_cuda
-        self.learn.model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None,
-                                                   find_unused_parameters=True, broadcast_buffers=False)
+        self.learn.model = DistributedDataParallel(
+            model,
+            device_ids=[torch.cuda.current_device()] if cuda else None,
+            find_unused_parameters=True,
+            broadcast_buffers=False,
+        )
         self.old_dls = list(self.dls)
         self.learn.dls.loaders = [self._wrap_dl(dl) for dl in self.dls]
-        if rank_distrib(): self.learn.logger = noop
+        if rank_distrib():
+            self.learn.logger = noop
 
     def _wrap_dl(self, dl):
-        if isinstance(dl, DistributedDL) or getattr(dl, "sharded", False): return dl
-        if hasattr(dl, "shard"): return dl.shard(rank_distrib(), num_distrib())
+        if isinstance(dl, DistributedDL) or getattr(dl, "sharded", False):
+            return dl
+        if hasattr(dl, "shard"):
+            return dl.shard(rank_distrib(), num_distrib())
         return ShardedDL(dl, device=dl.device)
 
     def _same_buffers(self):
         "Rank 0's buffers (BatchNorm statistics) on every rank, so all ranks validate and keep the same model."
-        for b in self.learn.model.buffers(): dist.broadcast(b.data, 0)
+        for b in self.learn.model.buffers():
+            dist.broadcast(b.data, 0)
 
-    def before_train(self): self.learn.dl = self._wrap_dl(self.learn.dl)
+    def before_train(self):
+        self.learn.dl = self._wrap_dl(self.learn.dl)
 
     def before_validate(self):
         self._same_buffers()
         self.learn.dl = self._wrap_dl(self.learn.dl)
 
     def after_validate(self):
-        for met in self.recorder._valid_mets: sync_metric(met)
+        for met in self.recorder._valid_mets:
+            sync_metric(met)
 
     def after_fit(self):
         self._same_buffers()

@@ -1,10 +1,20 @@
 "The error users see for bad input, and the checks that raise it."
+
 from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["UlmfitError", "check_columns", "check_texts", "check_label_values", "check_labels", "check_classes", "valid_mask", "check_max_len",
-           "check_positive"]
+__all__ = [
+    "UlmfitError",
+    "check_columns",
+    "check_texts",
+    "check_label_values",
+    "check_labels",
+    "check_classes",
+    "valid_mask",
+    "check_max_len",
+    "check_positive",
+]
 
 
 class UlmfitError(ValueError):
@@ -22,23 +32,28 @@ def check_columns(df: pd.DataFrame, cols, what: str = "data"):
     "Raise if any of `cols` is missing from `df`, naming the columns it has."
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise UlmfitError(f"{what}: missing column {', '.join(map(repr, missing))}; "
-                          f"the columns are {', '.join(map(repr, map(str, df.columns)))}")
+        raise UlmfitError(
+            f"{what}: missing column {', '.join(map(repr, missing))}; "
+            f"the columns are {', '.join(map(repr, map(str, df.columns)))}"
+        )
 
 
 def check_texts(df: pd.DataFrame, text_col: str, what: str = "data", shown: str | None = None):
     "Raise if `df` has no rows, or if any `text_col` value is not a string or is blank (named `shown` if given)."
     check_columns(df, [text_col], what)
-    if len(df) == 0: raise UlmfitError(f"{what}: no rows")
+    if len(df) == 0:
+        raise UlmfitError(f"{what}: no rows")
     col, shown = df[text_col], shown or text_col
     not_str = col.map(lambda o: not isinstance(o, str))
     if not_str.any():
-        raise UlmfitError(f"{what}: {int(not_str.sum())} row(s) of column {shown!r} are not text "
-                          f"(rows {_rows(df.index[not_str])})")
+        raise UlmfitError(
+            f"{what}: {int(not_str.sum())} row(s) of column {shown!r} are not text (rows {_rows(df.index[not_str])})"
+        )
     blank = col.str.strip().eq("")
     if blank.any():
-        raise UlmfitError(f"{what}: {int(blank.sum())} row(s) of column {shown!r} are empty "
-                          f"(rows {_rows(df.index[blank])})")
+        raise UlmfitError(
+            f"{what}: {int(blank.sum())} row(s) of column {shown!r} are empty (rows {_rows(df.index[blank])})"
+        )
 
 
 def check_label_values(df: pd.DataFrame, label_col: str, what: str = "data", shown: str | None = None):
@@ -46,8 +61,10 @@ def check_label_values(df: pd.DataFrame, label_col: str, what: str = "data", sho
     check_columns(df, [label_col], what)
     na = df[label_col].isna() | df[label_col].astype(str).str.strip().isin(["", "nan", "NaN", "None", "<NA>"])
     if na.any():
-        raise UlmfitError(f"{what}: {int(na.sum())} row(s) have no label in column {shown or label_col!r} "
-                          f"(rows {_rows(df.index[na])})")
+        raise UlmfitError(
+            f"{what}: {int(na.sum())} row(s) have no label in column {shown or label_col!r} "
+            f"(rows {_rows(df.index[na])})"
+        )
 
 
 def check_labels(df: pd.DataFrame, label_col: str, what: str = "data"):
@@ -59,8 +76,9 @@ def check_labels(df: pd.DataFrame, label_col: str, what: str = "data"):
 def check_classes(classes, label_col: str = "label", what: str = "data"):
     "Raise if there are fewer than two classes."
     if len(classes) < 2:
-        raise UlmfitError(f"{what}: column {label_col!r} has a single class ({list(classes)[0]!r}); "
-                          "a classifier needs at least two")
+        raise UlmfitError(
+            f"{what}: column {label_col!r} has a single class ({list(classes)[0]!r}); a classifier needs at least two"
+        )
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
@@ -69,10 +87,14 @@ _TRUE, _FALSE = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
 def valid_mask(df: pd.DataFrame, valid_col: str) -> pd.Series:
     "The `valid_col` column as booleans (True/False, 1/0, yes/no), or an error naming the odd values."
     col = df[valid_col]
-    if col.dtype == bool: return col
+    if col.dtype == bool:
+        return col
     s = col.astype(str).str.strip().str.lower()
     odd = ~s.isin(_TRUE | _FALSE)
-    if odd.any(): raise UlmfitError(f"column {valid_col!r} must hold True/False, found {sorted(col[odd].astype(str).unique())[:5]}")
+    if odd.any():
+        raise UlmfitError(
+            f"column {valid_col!r} must hold True/False, found {sorted(col[odd].astype(str).unique())[:5]}"
+        )
     return s.isin(_TRUE)
 
 
@@ -87,4 +109,5 @@ def check_max_len(max_len: int, limit: int, model: str = "the model"):
     "Raise if `max_len` exceeds the positions `model` has."
     if max_len > limit:
         raise UlmfitError(f"max_len {max_len} is larger than {model} supports ({limit} positions)")
-    if max_len < 8: raise UlmfitError(f"max_len {max_len} is too small (at least 8)")
+    if max_len < 8:
+        raise UlmfitError(f"max_len {max_len} is too small (at least 8)")

@@ -9,6 +9,7 @@ safetensors and the tokenizer files only. After `import ulmfit_tx` it is also a 
 `export_onnx` writes the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read
 from the padding inside the graph; optionally int8 by ONNX Runtime's dynamic quantization) beside the config, tokenizer
 and `ulmfit_tx.json`, and checks it against PyTorch; `OnnxClassifier` runs it as a module fastai can call."""
+
 from __future__ import annotations
 
 import copy
@@ -35,12 +36,26 @@ from .models import PoolingClassifierConfig, SequenceClassifier, label_maps
 from .store import tokenizer_fingerprint
 from .tokenize import HFTokenizer
 
-__all__ = ["BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE", "ONNX_FILES", "is_bundle", "weights_fingerprint", "write_hf",
-           "write_bundle", "export_bundle", "read_bundle", "SAMPLE_TEXTS", "export_onnx", "OnnxClassifier", "read_onnx"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "ONNX_FILES",
+    "is_bundle",
+    "weights_fingerprint",
+    "write_hf",
+    "write_bundle",
+    "export_bundle",
+    "read_bundle",
+    "SAMPLE_TEXTS",
+    "export_onnx",
+    "OnnxClassifier",
+    "read_onnx",
+]
 
 BUNDLE_FORMAT = 2
 META_FILE, WEIGHTS_FILE = "ulmfit_tx.json", "model.safetensors"
-ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}   # int8 -> file name in a bundle
+ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in a bundle
 
 
 def is_bundle(path) -> bool:
@@ -60,28 +75,39 @@ def weights_fingerprint(model: nn.Module) -> str:
 def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
     "What `ulmfit_tx.json` records: head, classes and the tokenization settings `predict` needs."
     head = model.head
-    return {"format": BUNDLE_FORMAT, "ulmfit_tx_version": __version__, "model_type": model.hf.config.model_type,
-            "head": "native" if head is None else "pooling", "pooling": None if head is None else head.config,
-            "classes": [c.item() if hasattr(c, "item") else c for c in classes], "max_len": tfm.max_len,
-            "truncate": tfm.truncate, "head_frac": tfm.head_frac, "padding_side": tfm.tok.padding_side,
-            "vocab_size": len(tfm.tok), "tokenizer_fingerprint": tokenizer_fingerprint(tfm),
-            "weights_fingerprint": weights_fingerprint(model)}
+    return {
+        "format": BUNDLE_FORMAT,
+        "ulmfit_tx_version": __version__,
+        "model_type": model.hf.config.model_type,
+        "head": "native" if head is None else "pooling",
+        "pooling": None if head is None else head.config,
+        "classes": [c.item() if hasattr(c, "item") else c for c in classes],
+        "max_len": tfm.max_len,
+        "truncate": tfm.truncate,
+        "head_frac": tfm.head_frac,
+        "padding_side": tfm.tok.padding_side,
+        "vocab_size": len(tfm.tok),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tfm),
+        "weights_fingerprint": weights_fingerprint(model),
+    }
 
 
 def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> tuple[PreTrainedConfig, nn.Module]:
-    """The config and the module whose weights a bundle holds, as Hugging Face loads them: the native model itself,
-    or (pooling head) a `PoolingClassifierConfig` and the classifier, whose weight names `PoolingForSequenceClassification`
-    shares."""
-    if model.head is None: return model.hf.config, model.hf
-    return PoolingClassifierConfig(encoder=model.hf.config.to_dict(), pooling=model.head.config, pad_token_id=tfm.pad_id,
-                                   **label_maps(classes)), model
+    """The config and the module whose weights a bundle holds, as Hugging Face loads them: the native model itself, or
+    (pooling head) a `PoolingClassifierConfig` and the classifier, whose weight names
+    `PoolingForSequenceClassification` shares."""
+    if model.head is None:
+        return model.hf.config, model.hf
+    return PoolingClassifierConfig(
+        encoder=model.hf.config.to_dict(), pooling=model.head.config, pad_token_id=tfm.pad_id, **label_maps(classes)
+    ), model
 
 
 def write_hf(
-    model: SequenceClassifier,   # The classifier (`learn.model`)
-    tfm: HFTokenizer,            # Its tokenizer transform (`learn.tokenizer`)
-    classes: list,               # Class names in the order of the model's outputs (`learn.dls.vocab`)
-    folder,                      # An existing folder (e.g. the temporary folder of an atomic write)
+    model: SequenceClassifier,  # The classifier (`learn.model`)
+    tfm: HFTokenizer,  # Its tokenizer transform (`learn.tokenizer`)
+    classes: list,  # Class names in the order of the model's outputs (`learn.dls.vocab`)
+    folder,  # An existing folder (e.g. the temporary folder of an atomic write)
 ) -> Path:
     """Write the classifier as a Hugging Face folder into `folder`: `config.json`, `model.safetensors` and the
     tokenizer, what `AutoModelForSequenceClassification` and `pipeline("text-classification")` read."""
@@ -102,38 +128,68 @@ def write_bundle(model: SequenceClassifier, tfm: HFTokenizer, classes: list, fol
 
 def export_bundle(model: SequenceClassifier, tfm: HFTokenizer, classes: list, path, force: bool = False) -> Path:
     "`write_bundle` into a new folder `path`, atomically (refused if it exists, unless `force`)."
-    with atomic_dir(path, force) as tmp: write_bundle(model, tfm, classes, tmp)
+    with atomic_dir(path, force) as tmp:
+        write_bundle(model, tfm, classes, tmp)
     return Path(path)
 
 
 def _read_meta(p: Path, needs: str) -> dict:
     "`ulmfit_tx.json` of folder `p`, checked (`needs`: what the caller reads, for the error when it is missing)."
-    if not p.exists(): raise UlmfitError(f"{p}: no such model folder")
+    if not p.exists():
+        raise UlmfitError(f"{p}: no such model folder")
     if not is_bundle(p):
-        hint = (" It holds only export.pkl, a pickle: loading one runs whatever code its author put in it. Load it only if "
-                "you made it or trust who did (ulmfit-tx predict --trust-pickle; fastai's load_learner)."
-                if (p / "export.pkl").exists() else "")
-        raise UlmfitError(f"{p}: not a ulmfit_tx {needs} (no {META_FILE}; train-clf and learn.export_bundle write one).{hint}")
-    try: meta = json.loads((p / META_FILE).read_text())
-    except ValueError as e: raise UlmfitError(f"{p / META_FILE}: unreadable ({e})") from None
+        hint = (
+            " It holds only export.pkl, a pickle: loading one runs whatever code its author put in it. "
+            "Load it only if you made it or trust who did (ulmfit-tx predict --trust-pickle; fastai's load_learner)."
+            if (p / "export.pkl").exists()
+            else ""
+        )
+        raise UlmfitError(
+            f"{p}: not a ulmfit_tx {needs} (no {META_FILE}; train-clf and learn.export_bundle write one).{hint}"
+        )
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+    except ValueError as e:
+        raise UlmfitError(f"{p / META_FILE}: unreadable ({e})") from None
     if meta.get("format") != BUNDLE_FORMAT:
-        raise UlmfitError(f"{p}: bundle format {meta.get('format')!r}; this ulmfit_tx reads format {BUNDLE_FORMAT} "
-                          "(export it again with this version)")
-    missing = [k for k in ("head", "pooling", "classes", "max_len", "truncate", "head_frac", "vocab_size",
-                           "tokenizer_fingerprint") if k not in meta]
-    if missing: raise UlmfitError(f"{p / META_FILE}: incomplete (no {', '.join(missing)}); export the bundle again")
+        raise UlmfitError(
+            f"{p}: bundle format {meta.get('format')!r}; this ulmfit_tx reads format {BUNDLE_FORMAT} "
+            "(export it again with this version)"
+        )
+    missing = [
+        k
+        for k in (
+            "head",
+            "pooling",
+            "classes",
+            "max_len",
+            "truncate",
+            "head_frac",
+            "vocab_size",
+            "tokenizer_fingerprint",
+        )
+        if k not in meta
+    ]
+    if missing:
+        raise UlmfitError(f"{p / META_FILE}: incomplete (no {', '.join(missing)}); export the bundle again")
     return meta
 
 
 def _read_tokenizer(p: Path, meta: dict, vocab_size: int | None = None) -> HFTokenizer:
     "The tokenizer transform of folder `p`, checked to be the one `meta` was written with (and to fit `vocab_size`)."
-    try: tfm = HFTokenizer(p, meta["max_len"], meta["truncate"], meta["head_frac"])
-    except UlmfitError: raise
-    except Exception as e: raise UlmfitError(f"{p}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
+    try:
+        tfm = HFTokenizer(p, meta["max_len"], meta["truncate"], meta["head_frac"])
+    except UlmfitError:
+        raise
+    except Exception as e:
+        raise UlmfitError(f"{p}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
     if tokenizer_fingerprint(tfm) != meta["tokenizer_fingerprint"] or (vocab_size and len(tfm.tok) > vocab_size):
-        raise UlmfitError(f"{p}: the tokenizer ({len(tfm.tok)} tokens) is not the one the bundle was written with "
-                          f"({meta['vocab_size']} tokens" + (f"; the model's vocabulary is {vocab_size}" if vocab_size else "")
-                          + "): the tokenizer files are another model's")
+        raise UlmfitError(
+            f"{p}: the tokenizer ({len(tfm.tok)} tokens) is not the one the bundle was written with "
+            f"({meta['vocab_size']} tokens"
+            + (f"; the model's vocabulary is {vocab_size}" if vocab_size else "")
+            + "): the tokenizer files are another model's"
+        )
     return tfm
 
 
@@ -144,35 +200,50 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
     p = Path(path)
     meta = _read_meta(p, "bundle")
     for f in ("config.json", WEIGHTS_FILE):
-        if not (p / f).is_file(): raise UlmfitError(f"{path}: the bundle has no {f}")
-    try: config = AutoConfig.from_pretrained(p)                         # JSON; code named in it is never run
-    except Exception as e: raise UlmfitError(f"{path}: cannot read config.json ({type(e).__name__}: {e})") from None
+        if not (p / f).is_file():
+            raise UlmfitError(f"{path}: the bundle has no {f}")
+    try:
+        config = AutoConfig.from_pretrained(p)  # JSON; code named in it is never run
+    except Exception as e:
+        raise UlmfitError(f"{path}: cannot read config.json ({type(e).__name__}: {e})") from None
     pooling = isinstance(config, PoolingClassifierConfig)
     if pooling != (meta["head"] == "pooling"):
-        raise UlmfitError(f"{path}: config.json is a {config.model_type!r} model, not the {meta['head']} head {META_FILE} names")
+        raise UlmfitError(
+            f"{path}: config.json is a {config.model_type!r} model, not the {meta['head']} head {META_FILE} names"
+        )
     tfm = _read_tokenizer(p, meta, (config.encoder_config() if pooling else config).vocab_size)
     hf = AutoModelForSequenceClassification.from_config(config)
-    try: load_model(hf, str(p / WEIGHTS_FILE))
+    try:
+        load_model(hf, str(p / WEIGHTS_FILE))
     except Exception as e:
-        raise UlmfitError(f"{path}: {WEIGHTS_FILE} does not fit config.json and {META_FILE} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise UlmfitError(
+            f"{path}: {WEIGHTS_FILE} does not fit config.json and {META_FILE} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        ) from None
     model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head) if pooling else SequenceClassifier(hf, tfm.pad_id)
     return model.eval(), tfm, meta["classes"]
 
 
 # Texts the exported graph is checked on: one of a few words, sentences, and one longer than any max_len (truncated)
-SAMPLE_TEXTS = ["Great.", "It was fine, I suppose, though the second half dragged on and on.",
-                "An honest, warm and very funny film: the cast is superb and the script never talks down to its audience.",
-                " ".join(["The story wanders, the jokes land one time in three, and yet the ending works."] * 60)]
+SAMPLE_TEXTS = [
+    "Great.",
+    "It was fine, I suppose, though the second half dragged on and on.",
+    "An honest, warm and very funny film: the cast is superb and the script never talks down to its audience.",
+    " ".join(["The story wanders, the jokes land one time in three, and yet the ending works."] * 60),
+]
 
 
 def _require_onnx():
     "The `onnxruntime` module, or an error that names the optional extra."
     try:
-        import onnx, onnxruntime, onnxscript  # noqa: F401, E401
+        import onnx  # noqa: F401 (needed by the exporter; imported to check it is there)
+        import onnxruntime
+        import onnxscript  # noqa: F401 (likewise)
     except ImportError as e:
-        raise UlmfitError(f"ONNX needs the optional packages onnx, onnxscript and onnxruntime ({e}): "
-                          "pip install 'ulmfit_tx[onnx]' (make install installs them)") from None
+        raise UlmfitError(
+            f"ONNX needs the optional packages onnx, onnxscript and onnxruntime ({e}): "
+            "pip install 'ulmfit_tx[onnx]' (make install installs them)"
+        ) from None
     return onnxruntime
 
 
@@ -182,12 +253,14 @@ def _quiet():
     import contextlib
     import io
     import warnings
+
     logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
-    finally: logging.disable(logging.NOTSET)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
@@ -195,7 +268,10 @@ def _graph_ready(model: SequenceClassifier) -> SequenceClassifier:
     product, additive mask, softmax): SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took over a quarter
     of ONNX Runtime's time on MiniLM."""
     m = copy.deepcopy(model).cpu().eval()
-    if getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx") and m.hf._supports_attention_backend:
+    if (
+        getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx")
+        and m.hf._supports_attention_backend
+    ):
         m.hf.set_attn_implementation("eager")
     return m
 
@@ -209,11 +285,17 @@ class OnnxClassifier(nn.Module):
         ort = _require_onnx()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.enable_mem_pattern = False  # its plans are per input shape: with batches of every length, +0.8 GB for MiniLM
-        try: self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e: raise UlmfitError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
+        opts.enable_mem_pattern = (
+            False  # its plans are per input shape: with batches of every length, +0.8 GB for MiniLM
+        )
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UlmfitError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
         self.path = Path(path)
-        self.cpu_marker = nn.Parameter(torch.empty(0), requires_grad=False)  # fastai reads the device of the first parameter
+        self.cpu_marker = nn.Parameter(
+            torch.empty(0), requires_grad=False
+        )  # fastai reads the device of the first parameter
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"ids": ids.cpu().long().numpy()})[0])  # (B, C)
@@ -226,80 +308,113 @@ def _check_graph(m: SequenceClassifier, path: Path, tfm: HFTokenizer, texts: lis
     onnx_model, ids = OnnxClassifier(path), tfm.encode_batch(texts)
     diff, same = 0.0, []
     for batch in (pad_batch(ids, tfm.pad_id, tfm.pad_first), pad_batch(ids[:1], tfm.pad_id, tfm.pad_first)):
-        with torch.inference_mode(): want = m(batch).float().softmax(-1)
-        try: got = onnx_model(batch).softmax(-1)
+        with torch.inference_mode():
+            want = m(batch).float().softmax(-1)
+        try:
+            got = onnx_model(batch).softmax(-1)
         except Exception as e:
-            raise UlmfitError(f"the exported graph does not run on a batch of shape {tuple(batch.shape)}: the exporter fixed "
-                              f"a dimension to the traced example's ({str(e).splitlines()[0][:200]})") from None
+            raise UlmfitError(
+                f"the exported graph does not run on a batch of shape {tuple(batch.shape)}: the exporter fixed "
+                f"a dimension to the traced example's ({str(e).splitlines()[0][:200]})"
+            ) from None
         diff, same = max(diff, (got - want).abs().max().item()), same + (got.argmax(1) == want.argmax(1)).tolist()
     return diff, sum(same) / len(same)
 
 
 def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, classes: list, stage: Path) -> list[Path]:
     """The bundle's files but the weights (config, tokenizer, `ulmfit_tx.json`), written into `stage` to be moved into
-    `folder` beside an ONNX file, so that it is usable on its own. None when `folder` is the bundle's own; a folder with
-    another model's `ulmfit_tx.json`, or with files of the same names, is refused."""
+    `folder` beside an ONNX file, so that it is usable on its own. None when `folder` is the bundle's own; a folder
+    with another model's `ulmfit_tx.json`, or with files of the same names, is refused."""
     meta = _meta(model, tfm, classes)
     if is_bundle(folder):
         there = json.loads((folder / META_FILE).read_text())
         if there.get("weights_fingerprint") != meta["weights_fingerprint"]:
-            raise UlmfitError(f"{folder} holds another model's {META_FILE} (other weights): write the ONNX file into "
-                              "another folder")
+            raise UlmfitError(
+                f"{folder} holds another model's {META_FILE} (other weights): write the ONNX file into another folder"
+            )
         return []
     stage.mkdir()
     _hf_form(model, tfm, classes)[0].save_pretrained(stage)
     tfm.tok.save_pretrained(stage)
     (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     clash = sorted(f.name for f in stage.iterdir() if (folder / f.name).exists())
-    if clash: raise UlmfitError(f"{folder} already has {', '.join(clash)}: write the ONNX file into another folder")
+    if clash:
+        raise UlmfitError(f"{folder} already has {', '.join(clash)}: write the ONNX file into another folder")
     return list(stage.iterdir())
 
 
 def export_onnx(
-    model: SequenceClassifier,        # The classifier (`learn.model`)
-    tfm: HFTokenizer,                 # Its tokenizer transform (`learn.tokenizer`)
-    classes: list,                    # Class names in the order of the model's outputs (`learn.dls.vocab`)
-    path,                             # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
-    int8: bool = False,               # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
-    texts: list[str] | None = None,   # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
-    force: bool = False,              # Replace an existing file at `path`
+    model: SequenceClassifier,  # The classifier (`learn.model`)
+    tfm: HFTokenizer,  # Its tokenizer transform (`learn.tokenizer`)
+    classes: list,  # Class names in the order of the model's outputs (`learn.dls.vocab`)
+    path,  # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
+    int8: bool = False,  # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
+    texts: list[str] | None = None,  # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
+    force: bool = False,  # Replace an existing file at `path`
 ) -> dict:
-    """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from the
-    padding inside the graph), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else nothing
-    is written), and keep the config, tokenizer and `ulmfit_tx.json` beside it. Returns the file, its size, the seconds taken,
-    the largest probability difference and the share of equal labels."""
+    """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from
+    the padding inside the graph), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else
+    nothing is written), and keep the config, tokenizer and `ulmfit_tx.json` beside it. Returns the file, its
+    size, the seconds taken, the largest probability difference and the share of equal labels."""
     ort = _require_onnx()
     mt, path = model.hf.config.model_type, Path(path)
     if mt in MEMORY_MODEL_TYPES:
-        raise UlmfitError(f"a {mt!r} encoder cannot be exported to ONNX: it reads a text segment by segment in a loop whose "
-                          "number of steps depends on the length, which torch.export fixes to the traced example's. "
-                          "Serve it from the bundle (load_classifier, predict --backend torch)")
-    if path.suffix != ".onnx": raise UlmfitError(f"{path}: an ONNX file name ends in .onnx")
-    if path.exists() and not force: raise UlmfitError(f"{path} exists; use --force (force=True) to replace it")
-    if not path.parent.is_dir(): raise UlmfitError(f"{path.parent}: no such folder")
+        raise UlmfitError(
+            f"a {mt!r} encoder cannot be exported to ONNX: it reads a text segment by segment in a loop whose "
+            "number of steps depends on the length, which torch.export fixes to the traced example's. "
+            "Serve it from the bundle (load_classifier, predict --backend torch)"
+        )
+    if path.suffix != ".onnx":
+        raise UlmfitError(f"{path}: an ONNX file name ends in .onnx")
+    if path.exists() and not force:
+        raise UlmfitError(f"{path} exists; use --force (force=True) to replace it")
+    if not path.parent.is_dir():
+        raise UlmfitError(f"{path.parent}: no such folder")
     t0 = time.perf_counter()
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         beside = _stage_beside(path.parent, model, tfm, classes, Path(work) / "beside")
         m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
-        example = pad_batch(tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first)        # (2, L): sizes 0 and 1 would be fixed
+        example = pad_batch(
+            tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first
+        )  # (2, L): sizes 0 and 1 would be fixed
         dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len)},)
         try:
             with _quiet():
-                torch.onnx.export(m, (example,), input_names=["ids"], output_names=["logits"], dynamo=True,
-                                  dynamic_shapes=dims, verbose=False).save(str(fp32))
+                torch.onnx.export(
+                    m,
+                    (example,),
+                    input_names=["ids"],
+                    output_names=["logits"],
+                    dynamo=True,
+                    dynamic_shapes=dims,
+                    verbose=False,
+                ).save(str(fp32))
         except Exception as e:
-            raise UlmfitError(f"torch.onnx cannot export this {mt!r} classifier ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300]})") from None
+            raise UlmfitError(
+                f"torch.onnx cannot export this {mt!r} classifier ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300]})"
+            ) from None
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
-            with _quiet(): quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+
+            with _quiet():
+                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
         diff, agree = _check_graph(m, tmp, tfm, texts or SAMPLE_TEXTS)
         if not int8 and diff > 1e-4:
-            raise UlmfitError(f"the ONNX graph's probabilities differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
-                              f"the sample texts: not written. Report the model type ({mt!r}) and onnxruntime {ort.__version__}")
-        for f in beside: shutil.move(f, path.parent / f.name)
-    return {"path": str(path), "mb": path.stat().st_size / 2 ** 20, "seconds": time.perf_counter() - t0,
-            "max_abs_diff": diff, "agreement": agree, "int8": int8}
+            raise UlmfitError(
+                f"the ONNX graph's probabilities differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
+                f"the sample texts: not written. Report the model type ({mt!r}) and onnxruntime {ort.__version__}"
+            )
+        for f in beside:
+            shutil.move(f, path.parent / f.name)
+    return {
+        "path": str(path),
+        "mb": path.stat().st_size / 2**20,
+        "seconds": time.perf_counter() - t0,
+        "max_abs_diff": diff,
+        "agreement": agree,
+        "int8": int8,
+    }
 
 
 def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, list]:
@@ -308,13 +423,18 @@ def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, li
     .onnx file."""
     p = Path(path)
     file, folder = (p, p.parent) if p.suffix == ".onnx" else (p / ONNX_FILES[int8], p)
-    if p.suffix == ".onnx" and not p.is_file(): raise UlmfitError(f"{p}: no such file")
+    if p.suffix == ".onnx" and not p.is_file():
+        raise UlmfitError(f"{p}: no such file")
     meta = _read_meta(folder, "model folder")
     if not file.is_file():
         others = sorted(f.name for f in folder.glob("*.onnx"))
-        if ONNX_FILES[not int8] in others: hint = f"it has {ONNX_FILES[not int8]}: {'drop' if int8 else 'add'} --int8 (int8={not int8} in Python)"
-        elif others: hint = f"it has {', '.join(others)}: give that file as the model"
-        else: hint = f"write it with: ulmfit-tx export-onnx --model {folder}{' --int8' if int8 else ''} (or learn.export_onnx)"
+        if ONNX_FILES[not int8] in others:
+            hint = f"it has {ONNX_FILES[not int8]}: {'drop' if int8 else 'add'} --int8 (int8={not int8} in Python)"
+        elif others:
+            hint = f"it has {', '.join(others)}: give that file as the model"
+        else:
+            flag = " --int8" if int8 else ""
+            hint = f"write it with: ulmfit-tx export-onnx --model {folder}{flag} (or learn.export_onnx)"
         raise UlmfitError(f"{folder}: no {file.name}; {hint}")
     tfm = _read_tokenizer(folder, meta)
     return OnnxClassifier(file), tfm, meta["classes"]

@@ -1,5 +1,6 @@
 """Reading text tables, folders and plain-text corpora (whole, or streamed in chunks for the token store),
 and writing output folders and files atomically."""
+
 from __future__ import annotations
 
 import gzip
@@ -15,8 +16,19 @@ import pandas as pd
 
 from .errors import UlmfitError
 
-__all__ = ["read_table", "read_folder", "read_data", "iter_corpus", "read_corpus", "mark_unknown", "iter_chunks",
-           "atomic_dir", "atomic_file", "check_out_dir", "model_source"]
+__all__ = [
+    "read_table",
+    "read_folder",
+    "read_data",
+    "iter_corpus",
+    "read_corpus",
+    "mark_unknown",
+    "iter_chunks",
+    "atomic_dir",
+    "atomic_file",
+    "check_out_dir",
+    "model_source",
+]
 
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".tsv", ".tsv.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text corpora
@@ -25,26 +37,44 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text corpora
 def read_table(path) -> pd.DataFrame:
     "Read a CSV (optionally gzipped), TSV or parquet file into a DataFrame, keeping empty strings as text."
     path = Path(path)
-    if not path.exists(): raise UlmfitError(f"{path}: no such file")
-    if path.is_dir(): raise UlmfitError(f"{path}: is a folder, expected a CSV or parquet file")
+    if not path.exists():
+        raise UlmfitError(f"{path}: no such file")
+    if path.is_dir():
+        raise UlmfitError(f"{path}: is a folder, expected a CSV or parquet file")
     name = path.name.lower()
     try:
-        if name.endswith((".parquet", ".pq")): df = pd.read_parquet(path)
-        elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")): df = _fields_checked(pd.read_csv(path, sep=_sep(name), keep_default_na=False), path)
-        else: raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
-    except UlmfitError: raise
-    except pd.errors.EmptyDataError: raise UlmfitError(f"{path}: the file is empty") from None
-    except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-    if len(df) == 0: raise UlmfitError(f"{path}: the file has a header but no rows")
+        if name.endswith((".parquet", ".pq")):
+            df = pd.read_parquet(path)
+        elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            df = _fields_checked(pd.read_csv(path, sep=_sep(name), keep_default_na=False), path)
+        else:
+            raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
+    except UlmfitError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise UlmfitError(f"{path}: the file is empty") from None
+    except Exception as e:
+        raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if len(df) == 0:
+        raise UlmfitError(f"{path}: the file has a header but no rows")
     return df
 
 
 def _class_files(path: Path, valid_names=("test", "valid")) -> list[tuple[Path, str, bool]]:
     "(file, label, is_valid) of every `.txt` of a folder in the IMDb layout (or of `<label>/` sub-folders), sorted."
+
     def under(root, valid):
-        return [(f, d.name, valid) for d in sorted(p for p in root.iterdir() if p.is_dir()) for f in sorted(d.glob("*.txt"))]
-    if not (path / "train").is_dir(): return under(path, False)
-    return under(path / "train", False) + [x for v in valid_names if (path / v).is_dir() for x in under(path / v, True)]
+        return [
+            (f, d.name, valid)
+            for d in sorted(p for p in root.iterdir() if p.is_dir())
+            for f in sorted(d.glob("*.txt"))
+        ]
+
+    if not (path / "train").is_dir():
+        return under(path, False)
+    return under(path / "train", False) + [
+        x for v in valid_names if (path / v).is_dir() for x in under(path / v, True)
+    ]
 
 
 def read_folder(path, valid_names=("test", "valid")) -> pd.DataFrame:
@@ -52,17 +82,25 @@ def read_folder(path, valid_names=("test", "valid")) -> pd.DataFrame:
     one row per file with columns `text`, `label` (the sub-folder's name) and `is_valid`
     (True under `test/` or `valid/`). A folder of `<label>/` sub-folders alone gives `text, label`."""
     path = Path(path)
-    if not path.is_dir(): raise UlmfitError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise UlmfitError(f"{path}: no such folder")
     files = _class_files(path, valid_names)
-    if not files: raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
-    df = pd.DataFrame({"text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in files],
-                       "label": [lab for _, lab, _ in files], "is_valid": [v for _, _, v in files]})
+    if not files:
+        raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
+    df = pd.DataFrame(
+        {
+            "text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in files],
+            "label": [lab for _, lab, _ in files],
+            "is_valid": [v for _, _, v in files],
+        }
+    )
     return df if (path / "train").is_dir() else df.drop(columns="is_valid")
 
 
 def _is_class_folder(p: Path) -> bool:
     "IMDb's layout (`train/<label>/`), or `<label>/*.txt` sub-folders with no text files beside them."
-    if (p / "train").is_dir(): return True
+    if (p / "train").is_dir():
+        return True
     return not any(p.glob("*.txt*")) and any(d.is_dir() and any(d.glob("*.txt")) for d in p.iterdir())
 
 
@@ -78,7 +116,9 @@ DOCS = ("lines", "files", "articles")  # what a document of a plain-text corpus 
 def _text_lines(path: Path) -> Iterator[str]:
     "The lines of a UTF-8 text file (gzipped or not), read one at a time."
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        with (
+            gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+        ) as f:
             yield from f
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise UlmfitError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}: {e})") from None
@@ -90,138 +130,194 @@ def _file_docs(path: Path, docs: str) -> Iterator[str]:
     for line in _text_lines(path):
         line = line.strip()
         if docs == "lines":
-            if line: yield line
+            if line:
+                yield line
             continue
-        if docs == "articles" and _HEADING.match(line) and doc: yield " ".join(doc); doc = []
-        if line: doc.append(line)
-    if doc: yield " ".join(doc)
+        if docs == "articles" and _HEADING.match(line) and doc:
+            yield " ".join(doc)
+            doc = []
+        if line:
+            doc.append(line)
+    if doc:
+        yield " ".join(doc)
 
 
 def _corpus_files(p: Path) -> list[Path]:
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
-    if not files: raise UlmfitError(f"{p}: no .txt or .txt.gz files in the folder")
+    if not files:
+        raise UlmfitError(f"{p}: no .txt or .txt.gz files in the folder")
     return files
 
 
 def iter_corpus(
-    path,                    # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
-    docs: str = "lines",     # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
+    path,  # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
+    docs: str = "lines",  # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
     text_col: str = "text",  # Column of a CSV/parquet corpus
 ) -> Iterator[str]:
     "The non-blank documents of a corpus, streamed (a table is read in chunks, a text file line by line)."
-    if docs not in DOCS: raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
+    if docs not in DOCS:
+        raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
     p = Path(path)
-    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
+    if not p.exists():
+        raise UlmfitError(f"{path}: no such file or folder")
     if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES):
-        for chunk in iter_chunks(p, text_col): yield from (t for t in chunk.text.astype(str) if t.strip())
+        for chunk in iter_chunks(p, text_col):
+            yield from (t for t in chunk.text.astype(str) if t.strip())
     else:
-        for f in _corpus_files(p): yield from _file_docs(f, docs)
+        for f in _corpus_files(p):
+            yield from _file_docs(f, docs)
 
 
 def read_corpus(path, docs: str = "lines", text_col: str = "text") -> list[str]:
     "The documents of a corpus (see `iter_corpus`) as a list, checked to hold some text."
     out = list(iter_corpus(path, docs, text_col))
-    if not out: raise UlmfitError(f"{path}: the corpus has no text")
+    if not out:
+        raise UlmfitError(f"{path}: the corpus has no text")
     return out
 
 
 def mark_unknown(docs, unk: str):
-    "WikiText writes unknown words as `<unk>`: write them as the tokenizer's own unknown token `unk` (lazily for an iterator)."
-    if docs is None or unk == "<unk>": return docs
-    if isinstance(docs, list): return [d.replace("<unk>", unk) for d in docs]
+    """WikiText writes unknown words as `<unk>`: write them as the tokenizer's own unknown token `unk` (lazily for an
+    iterator)."""
+    if docs is None or unk == "<unk>":
+        return docs
+    if isinstance(docs, list):
+        return [d.replace("<unk>", unk) for d in docs]
     return (d.replace("<unk>", unk) for d in docs)
 
 
 def _table_columns(path: Path) -> list[str]:
-    "The column names of a table file (its header and first row are read); duplicate names and a first row with more fields are refused."
+    """The column names of a table file (its header and first row are read); duplicate names and a first row with more
+    fields are refused."""
     name = path.name.lower()
-    if not name.endswith(TABLE_SUFFIXES): raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
+    if not name.endswith(TABLE_SUFFIXES):
+        raise UlmfitError(f"{path}: unknown file type; expected one of {', '.join(TABLE_SUFFIXES)}")
     try:
         if name.endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
+
             cols = pd.Index(pq.ParquetFile(path).schema_arrow.names)
-        else: cols = _fields_checked(pd.read_csv(path, sep=_sep(name), nrows=1, dtype=str, keep_default_na=False), path).columns
-    except UlmfitError: raise
-    except pd.errors.EmptyDataError: raise UlmfitError(f"{path}: the file is empty") from None
-    except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+        else:
+            cols = _fields_checked(
+                pd.read_csv(path, sep=_sep(name), nrows=1, dtype=str, keep_default_na=False), path
+            ).columns
+    except UlmfitError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise UlmfitError(f"{path}: the file is empty") from None
+    except Exception as e:
+        raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
     dup = cols[cols.duplicated()] if name.endswith((".parquet", ".pq")) else cols[cols.str.contains(r"\.\d+$")]
-    dup = [c for c in dup if name.endswith((".parquet", ".pq")) or c.rsplit(".", 1)[0] in cols]  # pandas renames x -> x.1
-    if len(dup): raise UlmfitError(f"{path}: duplicate column names ({', '.join(map(str, dup))})")
+    dup = [
+        c for c in dup if name.endswith((".parquet", ".pq")) or c.rsplit(".", 1)[0] in cols
+    ]  # pandas renames x -> x.1
+    if len(dup):
+        raise UlmfitError(f"{path}: duplicate column names ({', '.join(map(str, dup))})")
     return list(cols)
 
 
-def _sep(name: str) -> str: return "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+def _sep(name: str) -> str:
+    return "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
 
 
 def _fields_checked(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """`df` as read from CSV/TSV `path`, refused if its first row had more fields than the header: pandas then makes the
-    extra leading fields an index (or drops them) without a word. Usually a text with an unquoted separator in it."""
-    if isinstance(df.index, pd.RangeIndex): return df
+    """`df` as read from CSV/TSV `path`, refused if its first row had more fields than the header: pandas then makes
+    the extra leading fields an index (or drops them) without a word. Usually a text with an unquoted separator in
+    it."""
+    if isinstance(df.index, pd.RangeIndex):
+        return df
     sep = "tab" if _sep(path.name.lower()) == "\t" else "comma"
-    raise UlmfitError(f"{path}: the first row has more fields than the header's {len(df.columns)} column(s); "
-                      f"a text with a {sep} in it must be quoted (\"...\")")
+    raise UlmfitError(
+        f"{path}: the first row has more fields than the header's {len(df.columns)} column(s); "
+        f'a text with a {sep} in it must be quoted ("...")'
+    )
 
 
 def _table_chunks(path: Path, cols: list[str], rows: int) -> Iterator[pd.DataFrame]:
-    "`cols` of a table file as strings, `rows` at a time: CSV/TSV with pandas' chunked reader, parquet by record batch."
+    """`cols` of a table file as strings, `rows` at a time: CSV/TSV with pandas' chunked reader, parquet by record
+    batch."""
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
+
             start = 0
             for batch in pq.ParquetFile(path).iter_batches(rows, columns=cols):
                 df = batch.to_pandas()
                 df.index += start
                 start += len(df)
                 yield df
-        else: yield from pd.read_csv(path, sep=_sep(name), usecols=cols, dtype=str, keep_default_na=False, chunksize=rows)
-    except UlmfitError: raise
-    except Exception as e: raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+        else:
+            yield from pd.read_csv(
+                path, sep=_sep(name), usecols=cols, dtype=str, keep_default_na=False, chunksize=rows
+            )
+    except UlmfitError:
+        raise
+    except Exception as e:
+        raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _folder_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
     "`text, label, is_valid` rows of an IMDb-layout folder, `rows` files at a time."
     files = _class_files(path)
-    if not files: raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
+    if not files:
+        raise UlmfitError(f"{path}: no .txt files under <label>/ sub-folders (or train/<label>/)")
     for i in range(0, len(files), rows):
-        part = files[i:i + rows]
-        yield pd.DataFrame({"text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in part],
-                            "label": [lab for _, lab, _ in part], "is_valid": [v for _, _, v in part]},
-                           index=range(i, i + len(part)))
+        part = files[i : i + rows]
+        yield pd.DataFrame(
+            {
+                "text": [f.read_text(encoding="utf-8", errors="replace") for f, _, _ in part],
+                "label": [lab for _, lab, _ in part],
+                "is_valid": [v for _, _, v in part],
+            },
+            index=range(i, i + len(part)),
+        )
 
 
 def iter_chunks(
-    path,                           # A table file, an IMDb-layout folder, or a .txt/.txt.gz corpus (file or folder)
-    text_col: str = "text",         # Column with the texts
-    label_col: str | None = None,   # Column with the labels (read as strings), or None
-    valid_col: str | None = None,   # Boolean column marking validation rows, read if the data has it
-    docs: str = "lines",            # For a plain-text corpus: what a document is (see `iter_corpus`)
-    rows: int = 20_000,             # Rows per chunk
-    check: bool = True,             # Raise if `text_col` or `label_col` is missing
-    unk: str | None = None,         # For a plain-text corpus: write WikiText's `<unk>` as this token
+    path,  # A table file, an IMDb-layout folder, or a .txt/.txt.gz corpus (file or folder)
+    text_col: str = "text",  # Column with the texts
+    label_col: str | None = None,  # Column with the labels (read as strings), or None
+    valid_col: str | None = None,  # Boolean column marking validation rows, read if the data has it
+    docs: str = "lines",  # For a plain-text corpus: what a document is (see `iter_corpus`)
+    rows: int = 20_000,  # Rows per chunk
+    check: bool = True,  # Raise if `text_col` or `label_col` is missing
+    unk: str | None = None,  # For a plain-text corpus: write WikiText's `<unk>` as this token
 ) -> Iterator[pd.DataFrame]:
     """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `label`, `is_valid` when
     read), indexed by row number: the file is never read whole. A folder in the IMDb layout gives `text, label,
     is_valid` (True under test/ or valid/); a plain-text corpus gives `text`."""
     p = Path(path)
-    if not p.exists(): raise UlmfitError(f"{path}: no such file or folder")
-    if p.is_dir() and _is_class_folder(p): yield from _folder_chunks(p, rows); return
+    if not p.exists():
+        raise UlmfitError(f"{path}: no such file or folder")
+    if p.is_dir() and _is_class_folder(p):
+        yield from _folder_chunks(p, rows)
+        return
     if p.is_dir() or p.name.lower().endswith(TEXT_SUFFIXES):
         batch, start = [], 0
         for d in mark_unknown((d for f in _corpus_files(p) for d in _file_docs(f, docs)), unk or "<unk>"):
             batch.append(d)
-            if len(batch) == rows: yield pd.DataFrame({"text": batch}, index=range(start, start + rows)); start += rows; batch = []
-        if batch: yield pd.DataFrame({"text": batch}, index=range(start, start + len(batch)))
+            if len(batch) == rows:
+                yield pd.DataFrame({"text": batch}, index=range(start, start + rows))
+                start += rows
+                batch = []
+        if batch:
+            yield pd.DataFrame({"text": batch}, index=range(start, start + len(batch)))
         return
     have = _table_columns(p)
     cols = [text_col] + ([label_col] if label_col else [])
     if any(c not in have for c in cols):
-        if not check: return
-        raise UlmfitError(f"{path}: missing column {', '.join(repr(c) for c in cols if c not in have)}; "
-                          f"the columns are {', '.join(map(repr, have))}")
-    if valid_col in have: cols.append(valid_col)
+        if not check:
+            return
+        raise UlmfitError(
+            f"{path}: missing column {', '.join(repr(c) for c in cols if c not in have)}; "
+            f"the columns are {', '.join(map(repr, have))}"
+        )
+    if valid_col in have:
+        cols.append(valid_col)
     names = dict(zip(cols, ["text", "label" if label_col else "is_valid", "is_valid"]))
-    for chunk in _table_chunks(p, cols, rows): yield chunk[cols].rename(columns=names)
+    for chunk in _table_chunks(p, cols, rows):
+        yield chunk[cols].rename(columns=names)
 
 
 def check_out_dir(out, force: bool = False) -> Path:
@@ -229,7 +325,8 @@ def check_out_dir(out, force: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise UlmfitError(f"{out}: already exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir(): raise UlmfitError(f"{out}: exists and is not a folder")
+    if out.exists() and not out.is_dir():
+        raise UlmfitError(f"{out}: exists and is not a folder")
     return out
 
 
@@ -244,7 +341,8 @@ def atomic_file(path):
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @contextmanager
@@ -261,19 +359,24 @@ def atomic_dir(out, force: bool = False):
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
-        else: os.replace(tmp, out)
+        else:
+            os.replace(tmp, out)
     finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_source(src) -> str:
     "Check that `src` is a Hugging Face model folder, or else pass it on as a hub name."
     p = Path(src).expanduser()
     if p.exists():
-        if not p.is_dir(): raise UlmfitError(f"{src}: is a file; expected a model folder (config.json, weights, tokenizer)")
+        if not p.is_dir():
+            raise UlmfitError(f"{src}: is a file; expected a model folder (config.json, weights, tokenizer)")
         if not (p / "config.json").exists():
-            raise UlmfitError(f"{src}: not a Hugging Face model folder (no config.json); "
-                              "give a folder written by save_pretrained, or a hub name")
+            raise UlmfitError(
+                f"{src}: not a Hugging Face model folder (no config.json); "
+                "give a folder written by save_pretrained, or a hub name"
+            )
         return str(p)
     if str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
         raise UlmfitError(f"{src}: no such model folder")

@@ -1,6 +1,7 @@
 """fastai Learners for transformers and their factories: the MLM learner (ULMFiT's stage 2), the classifier learner
 (stage 3, and `load_classifier` that rebuilds one from a bundle) and the Marge learner. Their schedules are in
 `schedule.py`, their precision in `precision.py`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,41 +35,57 @@ from .models import MargeLM, MaskedLM, SequenceClassifier, classifier_model, mar
 from .optimizer import FusedAdamW
 from .precision import MixedPrecision, set_precision
 from .retrieval import Beta, Reindexer
-from .tokenize import HFTokenizer, find_tokenizer
 from .store import TokenStore
+from .tokenize import HFTokenizer, find_tokenizer
 
-__all__ = ["norm_and_bias_params", "HFLearner", "MLMLearner", "ClassifierLearner", "MargeLearner", "mlm_learner",
-           "classifier_learner", "marge_learner", "load_classifier"]
+__all__ = [
+    "norm_and_bias_params",
+    "HFLearner",
+    "MLMLearner",
+    "ClassifierLearner",
+    "MargeLearner",
+    "mlm_learner",
+    "classifier_learner",
+    "marge_learner",
+    "load_classifier",
+]
 
 
 def norm_and_bias_params(m: nn.Module, with_bias: bool = True) -> L:
     """fastai's `norm_bias_params`, also counting RMSNorm and the norm classes of Hugging Face models
     (any module whose class name has "Norm"): they get no weight decay."""
-    if isinstance(m, norm_types) or "Norm" in type(m).__name__: return L(m.parameters())
+    if isinstance(m, norm_types) or "Norm" in type(m).__name__:
+        return L(m.parameters())
     res = L(m.children()).map(norm_and_bias_params, with_bias=with_bias).concat()
-    if with_bias and getattr(m, "bias", None) is not None: res.append(m.bias)
+    if with_bias and getattr(m, "bias", None) is not None:
+        res.append(m.bias)
     return res
 
 
 class HFLearner(Learner):
     "A `Learner` whose model wraps a Hugging Face model (`learn.model.hf`) and whose data carry an `HFTokenizer`."
 
-    def _bn_bias_state(self, with_bias: bool): return norm_and_bias_params(self.model, with_bias).map(self.opt.state)
+    def _bn_bias_state(self, with_bias: bool):
+        return norm_and_bias_params(self.model, with_bias).map(self.opt.state)
 
     @property
-    def tokenizer(self) -> HFTokenizer: return find_tokenizer(self.dls)
+    def tokenizer(self) -> HFTokenizer:
+        return find_tokenizer(self.dls)
 
     def to_distributed(self, sync_bn: bool = True, **kwargs):
         "fastai's `to_distributed` (used by `learn.distrib_ctx()`) with `ShardedTrainer`: see `ulmfit_tx.distributed`."
         self.add_cb(ShardedTrainer(sync_bn))
-        if not is_rank0(): self.remove_cb(ProgressCallback)
+        if not is_rank0():
+            self.remove_cb(ProgressCallback)
         return self
 
     def detach_distributed(self):
         "Remove `ShardedTrainer` (fastai's `detach_distributed` looks for its own trainer class only)."
-        if not self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer)): return self
+        if not self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer)):
+            return self
         self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer)))
-        if not is_rank0() and not hasattr(self, "progress"): self.add_cb(ProgressCallback())
+        if not is_rank0() and not hasattr(self, "progress"):
+            self.add_cb(ProgressCallback())
         return self
 
     def write_pretrained(self, folder, model=None) -> Path:
@@ -79,7 +96,8 @@ class HFLearner(Learner):
 
     def save_pretrained(self, path, force: bool = False, model=None) -> Path:
         "`write_pretrained` into a new folder `path`, atomically (refused if it exists, unless `force`)."
-        with atomic_dir(path, force) as tmp: self.write_pretrained(tmp, model)
+        with atomic_dir(path, force) as tmp:
+            self.write_pretrained(tmp, model)
         return Path(path)
 
 
@@ -101,25 +119,46 @@ class ClassifierLearner(HFLearner):
         if isinstance(texts, TokenStore):
             texts.check_tokenizer(tfm)
             ids = [tfm.wrap(texts.doc(i)) for i in range(len(texts))]
-        else: ids = tfm.encode_batch(texts.tolist() if isinstance(texts, pd.Series) else list(texts))
+        else:
+            ids = tfm.encode_batch(texts.tolist() if isinstance(texts, pd.Series) else list(texts))
         probs = self._probs(ids, bs)
         vocab, p = list(self.dls.vocab), probs.numpy()
-        return pd.DataFrame({"label": np.array(vocab, dtype=object)[p.argmax(1)], **{f"prob_{c}": p[:, i] for i, c in enumerate(vocab)}})
+        return pd.DataFrame(
+            {
+                "label": np.array(vocab, dtype=object)[p.argmax(1)],
+                **{f"prob_{c}": p[:, i] for i, c in enumerate(vocab)},
+            }
+        )
 
     def _probs(self, ids: list, bs: int) -> torch.Tensor:
-        """Class probabilities of token id sequences, in input order: `get_preds` on a length-sorted `test_dl`. A learner
-        with only fastai's default callbacks (as `load_classifier` builds) and `MixedPrecision` runs the same length-sorted batches without
-        fastai's DataLoader and events, which cost as much as a short text's forward pass."""
-        if not len(ids): return torch.empty(0, len(self.dls.vocab))
-        if any(type(cb) not in (TrainEvalCallback, Recorder, CastToTensor, ProgressCallback, MixedPrecision) for cb in self.cbs):
+        """Class probabilities of token id sequences, in input order: `get_preds` on a length-sorted `test_dl`. A
+        learner with only fastai's default callbacks (as `load_classifier` builds) and `MixedPrecision` runs the
+        same length-sorted batches without fastai's DataLoader and events, which cost as much as a short text's
+        forward pass."""
+        if not len(ids):
+            return torch.empty(0, len(self.dls.vocab))
+        if any(
+            type(cb) not in (TrainEvalCallback, Recorder, CastToTensor, ProgressCallback, MixedPrecision)
+            for cb in self.cbs
+        ):
             return self.get_preds(dl=self.dls.test_dl(ids, bs=bs, val_res=[len(o) for o in ids]))[0]
         act, tfm = getattr(self.loss_func, "activation", noop), self.tokenizer
-        order = np.argsort([-len(o) for o in ids], kind="stable")      # longest first, as `TokenSortedDL`
+        order = np.argsort([-len(o) for o in ids], kind="stable")  # longest first, as `TokenSortedDL`
         self.model.eval()
         with torch.inference_mode():
-            preds = torch.cat([act(self.model(pad_batch([ids[i] for i in order[k:k + bs]], tfm.pad_id, tfm.pad_first)
-                                              .to(self.dls.device))).cpu() for k in range(0, len(ids), bs)])
-        return preds[torch.as_tensor(order).argsort()]                 # back in input order
+            preds = torch.cat(
+                [
+                    act(
+                        self.model(
+                            pad_batch([ids[i] for i in order[k : k + bs]], tfm.pad_id, tfm.pad_first).to(
+                                self.dls.device
+                            )
+                        )
+                    ).cpu()
+                    for k in range(0, len(ids), bs)
+                ]
+            )
+        return preds[torch.as_tensor(order).argsort()]  # back in input order
 
     def export_bundle(self, path, force: bool = False) -> Path:
         """The classifier as a bundle folder that `load_classifier` reads without unpickling anything (config, weights
@@ -140,10 +179,12 @@ class ClassifierLearner(HFLearner):
 
 class MargeLearner(HFLearner):
     """Learner for Marge pretraining (`marge_learner`): `save_pretrained` writes the adapted encoder as a Hugging Face
-    folder that `classifier_learner`, `mlm_learner`, `train-clf` and `finetune-lm` read; `save_marge` the whole model."""
+    folder that `classifier_learner`, `mlm_learner`, `train-clf` and `finetune-lm` read; `save_marge` the whole
+    model."""
 
     def reindex(self) -> dict:
-        "Rebuild the embeddings and the neighbour table now (`learn.reindexer`, the callback); returns their statistics."
+        """Rebuild the embeddings and the neighbour table now (`learn.reindexer`, the callback); returns their
+        statistics."""
         self.reindexer.rebuild()
         return self.reindexer.history[-1]
 
@@ -157,26 +198,35 @@ class MargeLearner(HFLearner):
 
 
 def load_classifier(
-    path,                     # A bundle folder (train-clf's output, or `learn.export_bundle`); with onnx also a .onnx file
-    bs: int = 64,             # Batch size of `predict_texts` and `get_preds`
-    device=None,              # Default: a GPU if there is one (torch backend; onnx runs on the CPU)
-    backend: str = "torch",   # "torch": the bundle's weights; "onnx": its ONNX graph on ONNX Runtime (`export_onnx`)
-    int8: bool = False,       # onnx: the int8 graph (model.int8.onnx)
+    path,  # A bundle folder (train-clf's output, or `learn.export_bundle`); with onnx also a .onnx file
+    bs: int = 64,  # Batch size of `predict_texts` and `get_preds`
+    device=None,  # Default: a GPU if there is one (torch backend; onnx runs on the CPU)
+    backend: str = "torch",  # "torch": the bundle's weights; "onnx": its ONNX graph on ONNX Runtime (`export_onnx`)
+    int8: bool = False,  # onnx: the int8 graph (model.int8.onnx)
 ) -> ClassifierLearner:
     """An inference `ClassifierLearner` rebuilt from a bundle without unpickling: `predict`, `predict_texts`,
-    `get_preds(dl=learn.dls.test_dl(...))` and `show_results` on new labelled data work as on the learner that wrote it,
-    with either backend."""
-    if backend not in ("torch", "onnx"): raise UlmfitError(f"backend must be 'torch' or 'onnx', not {backend!r}")
-    if int8 and backend != "onnx": raise UlmfitError("int8 is a property of the ONNX graph: use backend='onnx'")
+    `get_preds(dl=learn.dls.test_dl(...))` and `show_results` on new labelled data work as on the learner that
+    wrote it, with either backend."""
+    if backend not in ("torch", "onnx"):
+        raise UlmfitError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+    if int8 and backend != "onnx":
+        raise UlmfitError("int8 is a property of the ONNX graph: use backend='onnx'")
     model, tfm, classes = read_bundle(path) if backend == "torch" else read_onnx(path, int8)
-    if backend == "onnx": device = "cpu"
-    tfm.text_col = "text"   # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
+    if backend == "onnx":
+        device = "cpu"
+    tfm.text_col = "text"  # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
     row = pd.DataFrame({"text": [""], "label": [classes[0]]})
     dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), Categorize(vocab=classes, sort=False)]], splits=[[0], [0]])
-    dls = dsets.dataloaders(bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first),
-                            device=device).new_empty()
-    learn = ClassifierLearner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                              cbs=_callbacks(dls, model, None) if backend == "torch" else None)
+    dls = dsets.dataloaders(
+        bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first), device=device
+    ).new_empty()
+    learn = ClassifierLearner(
+        dls,
+        model,
+        loss_func=CrossEntropyLossFlat(),
+        metrics=accuracy,
+        cbs=_callbacks(dls, model, None) if backend == "torch" else None,
+    )
     learn.model.eval()
     return learn
 
@@ -194,41 +244,53 @@ def _callbacks(dls, model, cbs) -> L:
 
 
 def mlm_learner(
-    dls,                           # DataLoaders from `mlm_dataloaders`
-    model,                         # Model folder, hub name, Hugging Face model, or `MaskedLM`
-    precision: str = "auto",       # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
-    splitter=lm_splitter,          # Parameter groups: layers, then embeddings with the tied MLM head
-    metrics=None,                  # Default: masked-token accuracy and perplexity
-    opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
-    wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
-    cbs=None,                      # fastai callbacks (`MemoryCallback` is added for memory encoders)
-    **kwargs,                      # Passed to `Learner`
+    dls,  # DataLoaders from `mlm_dataloaders`
+    model,  # Model folder, hub name, Hugging Face model, or `MaskedLM`
+    precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
+    splitter=lm_splitter,  # Parameter groups: layers, then embeddings with the tied MLM head
+    metrics=None,  # Default: masked-token accuracy and perplexity
+    opt_func=FusedAdamW,  # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
+    wd: float = 0.01,  # AdamW weight decay (never on biases and LayerNorm weights)
+    cbs=None,  # fastai callbacks (`MemoryCallback` is added for memory encoders)
+    **kwargs,  # Passed to `Learner`
 ) -> MLMLearner:
     "A fastai Learner that fine-tunes a masked language model on `dls`."
     tfm = find_tokenizer(dls)
-    if not isinstance(model, MaskedLM): model = masked_lm_model(model, tfm.tok)
+    if not isinstance(model, MaskedLM):
+        model = masked_lm_model(model, tfm.tok)
     _check_len(tfm, model)
     metrics = [MaskedAccuracy(), MaskedPerplexity()] if metrics is None else metrics
-    learn = MLMLearner(dls, model, loss_func=mlm_loss, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
-                       wd_bn_bias=False, train_bn=False, cbs=_callbacks(dls, model, cbs), **kwargs)
+    learn = MLMLearner(
+        dls,
+        model,
+        loss_func=mlm_loss,
+        opt_func=opt_func,
+        splitter=splitter,
+        metrics=metrics,
+        wd=wd,
+        wd_bn_bias=False,
+        train_bn=False,
+        cbs=_callbacks(dls, model, cbs),
+        **kwargs,
+    )
     return set_precision(learn, precision)
 
 
 def classifier_learner(
-    dls,                           # DataLoaders from `clas_dataloaders` (or a DataBlock with `HFTextBlock`)
-    model,                         # Model folder (e.g. the MLM fine-tuned one), hub name, or `SequenceClassifier`
-    head: str = "pooling",         # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
-    precision: str = "auto",       # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
-    splitter=clas_splitter,        # Parameter groups: embeddings, each layer, head
-    metrics=accuracy,              # fastai metrics
-    opt_func=FusedAdamW,         # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
-    wd: float = 0.01,              # AdamW weight decay (never on biases and LayerNorm weights)
+    dls,  # DataLoaders from `clas_dataloaders` (or a DataBlock with `HFTextBlock`)
+    model,  # Model folder (e.g. the MLM fine-tuned one), hub name, or `SequenceClassifier`
+    head: str = "pooling",  # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
+    precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
+    splitter=clas_splitter,  # Parameter groups: embeddings, each layer, head
+    metrics=accuracy,  # fastai metrics
+    opt_func=FusedAdamW,  # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
+    wd: float = 0.01,  # AdamW weight decay (never on biases and LayerNorm weights)
     lin_ftrs: list | None = None,  # Pooling head: hidden layer sizes (default [50])
-    ps: list | None = None,        # Pooling head: dropout per hidden layer
-    output_p: float = 0.1,         # Pooling head: dropout on the pooled features
-    freeze: bool = True,           # Start with only the head trainable, as fastai's `text_classifier_learner`
-    cbs=None,                      # fastai callbacks (`MemoryCallback` is added for memory encoders)
-    **kwargs,                      # Passed to `Learner`
+    ps: list | None = None,  # Pooling head: dropout per hidden layer
+    output_p: float = 0.1,  # Pooling head: dropout on the pooled features
+    freeze: bool = True,  # Start with only the head trainable, as fastai's `text_classifier_learner`
+    cbs=None,  # fastai callbacks (`MemoryCallback` is added for memory encoders)
+    **kwargs,  # Passed to `Learner`
 ) -> ClassifierLearner:
     """A fastai Learner that classifies texts with a transformer encoder, ready for `fit_ulmfit`, or for
     `fit_one_cycle` (head only while frozen; call `learn.unfreeze()` to train every layer)."""
@@ -237,36 +299,62 @@ def classifier_learner(
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
         model = classifier_model(model, tfm.tok, len(dls.vocab), head, labels=dls.vocab, **head_kw)
     _check_len(tfm, model)
-    learn = ClassifierLearner(dls, model, opt_func=opt_func, splitter=splitter, metrics=metrics, wd=wd,
-                              wd_bn_bias=False, train_bn=False, cbs=_callbacks(dls, model, cbs), **kwargs)
-    if freeze: learn.freeze()
+    learn = ClassifierLearner(
+        dls,
+        model,
+        opt_func=opt_func,
+        splitter=splitter,
+        metrics=metrics,
+        wd=wd,
+        wd_bn_bias=False,
+        train_bn=False,
+        cbs=_callbacks(dls, model, cbs),
+        **kwargs,
+    )
+    if freeze:
+        learn.freeze()
     return set_precision(learn, precision)
 
 
 def marge_learner(
-    dls,                           # DataLoaders from `marge_dataloaders`
-    model,                         # Encoder folder / hub name / model (a new decoder is added), Marge folder, or `MargeLM`
-    from_config: bool = False,     # Build the encoder from `model`'s config with fresh weights (pretraining from nothing)
-    reindex_every: int | None = None,  # Training steps between neighbour-table rebuilds (None: at the start of each fit)
-    precision: str = "auto",       # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
-    splitter=marge_splitter,       # Parameter groups: encoder, then decoder and beta (`freeze()` trains the decoder)
-    metrics=None,                  # Default: beta
-    opt_func=FusedAdamW,           # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
-    wd: float = 0.01,              # AdamW weight decay (never on biases and norm weights)
-    cbs=None,                      # fastai callbacks (a `Reindexer` is added)
-    progress: bool = True,         # Progress bar and a line per reindex
-    **kwargs,                      # MargeConfig fields of a new decoder (retrieval_layer, self_layers, cross_layers, beta_init,
-                                   # dropouts), then `Learner` arguments
+    dls,  # DataLoaders from `marge_dataloaders`
+    model,  # Encoder folder / hub name / model (a new decoder is added), Marge folder, or `MargeLM`
+    from_config: bool = False,  # Build the encoder from `model`'s config with fresh weights (pretraining from nothing)
+    reindex_every: int
+    | None = None,  # Training steps between neighbour-table rebuilds (None: at the start of each fit)
+    precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
+    splitter=marge_splitter,  # Parameter groups: encoder, then decoder and beta (`freeze()` trains the decoder)
+    metrics=None,  # Default: beta
+    opt_func=FusedAdamW,  # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
+    wd: float = 0.01,  # AdamW weight decay (never on biases and norm weights)
+    cbs=None,  # fastai callbacks (a `Reindexer` is added)
+    progress: bool = True,  # Progress bar and a line per reindex
+    **kwargs,  # MargeConfig fields of a new decoder (retrieval_layer, self_layers, cross_layers, beta_init,
+    # dropouts), then `Learner` arguments
 ) -> MargeLearner:
     """A fastai Learner that adapts an encoder to the corpus of `dls` with Marge: `fit_one_cycle`, `lr_find`, then
     `save_pretrained` for the classifier stage."""
     tfm = find_tokenizer(dls)
     names = {k for cls in MargeConfig.__mro__ for k in getattr(cls, "__annotations__", {})}  # MargeConfig's fields
     fields = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-    if not isinstance(model, MargeLM): model = marge_model(model, tfm.tok, from_config, **fields)
-    check_max_len(tfm.max_len, min(max_positions(model.hf.encoder.config), model.hf.config.max_position_embeddings),
-                  f"model type {model.hf.encoder.config.model_type!r}")
-    learn = MargeLearner(dls, model, loss_func=mlm_loss, opt_func=opt_func, splitter=splitter,
-                         metrics=[Beta()] if metrics is None else metrics, wd=wd, wd_bn_bias=False, train_bn=False,
-                         cbs=L(cbs) + [Reindexer(reindex_every, progress=progress)], **kwargs)
+    if not isinstance(model, MargeLM):
+        model = marge_model(model, tfm.tok, from_config, **fields)
+    check_max_len(
+        tfm.max_len,
+        min(max_positions(model.hf.encoder.config), model.hf.config.max_position_embeddings),
+        f"model type {model.hf.encoder.config.model_type!r}",
+    )
+    learn = MargeLearner(
+        dls,
+        model,
+        loss_func=mlm_loss,
+        opt_func=opt_func,
+        splitter=splitter,
+        metrics=[Beta()] if metrics is None else metrics,
+        wd=wd,
+        wd_bn_bias=False,
+        train_bn=False,
+        cbs=L(cbs) + [Reindexer(reindex_every, progress=progress)],
+        **kwargs,
+    )
     return set_precision(learn, precision)

@@ -1,6 +1,7 @@
 """The modules fastai trains: Hugging Face models wrapped to take `TensorText` ids (the attention
 mask is read from the padding), and ULMFiT's pooling classifier head (also as a Hugging Face
 `...ForSequenceClassification` model, registered with the Auto classes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,32 +9,60 @@ from pathlib import Path
 import torch
 from fastai.layers import LinBnDrop
 from torch import nn
-from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
-                          PreTrainedConfig, PreTrainedModel)
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .archs import ARCHS
-from .kernels import use_fast_kernels
 from .encoders import MEMORY_MODEL_TYPES
 from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
 from .io import model_source
+from .kernels import use_fast_kernels
 
-__all__ = ["load_hf", "PortableHF", "MaskedLM", "MemoryMaskedLM", "MargeLM", "PoolingClassifierHead", "PoolingClassifierConfig",
-           "PoolingForSequenceClassification", "SequenceClassifier",
-           "masked_lm_model", "classifier_model", "marge_model", "load_config", "default_clf_max_len"]
+__all__ = [
+    "load_hf",
+    "PortableHF",
+    "MaskedLM",
+    "MemoryMaskedLM",
+    "MargeLM",
+    "PoolingClassifierHead",
+    "PoolingClassifierConfig",
+    "PoolingForSequenceClassification",
+    "SequenceClassifier",
+    "masked_lm_model",
+    "classifier_model",
+    "marge_model",
+    "load_config",
+    "default_clf_max_len",
+]
 
-AUTO = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "sequence_classification": AutoModelForSequenceClassification}
+AUTO = {
+    "base": AutoModel,
+    "masked_lm": AutoModelForMaskedLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+}
 
 
 def load_hf(src, family: str = "base", **kwargs) -> PreTrainedModel:
     "Load a model folder or hub name with the Auto class of `family` (base, masked_lm, sequence_classification)."
-    if isinstance(src, PreTrainedModel): return src
+    if isinstance(src, PreTrainedModel):
+        return src
     src = model_source(src)
-    try: return AUTO[family].from_pretrained(src, **kwargs)
+    try:
+        return AUTO[family].from_pretrained(src, **kwargs)
     except Exception as e:
         where = "model folder" if Path(src).exists() else "local folder, nor a hub model reachable from here"
-        raise UlmfitError(f"{src}: cannot be loaded as a {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UlmfitError(
+            f"{src}: cannot be loaded as a {where} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def _base_kwargs(model_type: str) -> dict:
@@ -48,6 +77,7 @@ class PortableHF(nn.Module):
     export does not depend on pickled transformers objects. `_call` calls the model and keeps its
     auxiliary loss (Compressive Transformer) as `self.aux_loss` for `MemoryCallback`. The model's
     attention and dropout are switched to ulmfit_tx's CPU kernels (`use_fast_kernels`)."""
+
     hf_family, hf_kwargs = "base", {}
     aux_loss = None
 
@@ -78,42 +108,48 @@ class PortableHF(nn.Module):
 
 class MaskedLM(PortableHF):
     "A Hugging Face masked-LM model that takes ids; given `labels`, it runs the MLM head only where labels != -100."
-    hf_family = "masked_lm"
-    new_head = False   # `masked_lm_model` sets it: the checkpoint had no MLM head, this one starts from scratch
 
-    def __init__(self,
+    hf_family = "masked_lm"
+    new_head = False  # `masked_lm_model` sets it: the checkpoint had no MLM head, this one starts from scratch
+
+    def __init__(
+        self,
         hf: PreTrainedModel,  # An `AutoModelForMaskedLM` model
-        pad_id: int,          # The tokenizer's padding id: attention is masked there
+        pad_id: int,  # The tokenizer's padding id: attention is masked there
     ):
         super().__init__()
         self.hf, self.pad_id = use_fast_kernels(hf), pad_id
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        mask = ids != self.pad_id                                         # (B, L) True at real tokens
+        mask = ids != self.pad_id  # (B, L) True at real tokens
         spec = ARCHS.get(self.hf.config.model_type)
-        if labels is None or spec is None or spec.mlm_head is None:       # all logits (then gathered if labelled)
-            logits = self._call(self.hf, ids, mask).logits                # (B, L, V)
-            return logits if labels is None else logits[labels != -100]   # (N, V)
-        h = self._call(self.hf.base_model, ids, mask).last_hidden_state   # (B, L, H)
-        return spec.mlm_head(self.hf, h[labels != -100])                  # (N, V): the head on chosen tokens only
+        if labels is None or spec is None or spec.mlm_head is None:  # all logits (then gathered if labelled)
+            logits = self._call(self.hf, ids, mask).logits  # (B, L, V)
+            return logits if labels is None else logits[labels != -100]  # (N, V)
+        h = self._call(self.hf.base_model, ids, mask).last_hidden_state  # (B, L, H)
+        return spec.mlm_head(self.hf, h[labels != -100])  # (N, V): the head on chosen tokens only
 
 
 class MemoryMaskedLM(MaskedLM):
     """`MaskedLM` for a memory encoder (memxl, compressive): each batch continues the documents of the
     previous one row by row (`SegmentDL`), so the memories of one call are passed to the next.
     `MemoryCallback` resets them between epochs and for rows that start a new document."""
+
     memories = None
 
     def _call(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
-        if self.memories is not None and self.memories.mem_mask.shape[0] != len(ids): self.memories = None
+        if self.memories is not None and self.memories.mem_mask.shape[0] != len(ids):
+            self.memories = None
         out = module(input_ids=ids, attention_mask=mask, memories=self.memories)
         self.memories, self.aux_loss = out.memories, out.aux_loss
         return out
 
     def reset(self, rows: torch.Tensor | None = None):
         "Forget everything (`rows` None), or what the rows where `rows` (B,) is True remember."
-        if rows is None or self.memories is None: self.memories = None
-        elif rows.any(): self.memories = self.hf.base_model.reset_memories(self.memories, rows.to(self.memories.mem_mask.device))
+        if rows is None or self.memories is None:
+            self.memories = None
+        elif rows.any():
+            self.memories = self.hf.base_model.reset_memories(self.memories, rows.to(self.memories.mem_mask.device))
 
 
 class MargeLM(PortableHF):
@@ -125,41 +161,48 @@ class MargeLM(PortableHF):
         use_fast_kernels(hf.encoder)
         self.hf = use_fast_kernels(hf)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, ev_ids: torch.Tensor, ev_mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        h, _ = self.hf.decode(ids, mask, ev_ids, ev_mask)                 # (B, T, D)
-        return self.hf.logits(h[labels != -100])                          # (N, V)
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, ev_ids: torch.Tensor, ev_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        h, _ = self.hf.decode(ids, mask, ev_ids, ev_mask)  # (B, T, D)
+        return self.hf.logits(h[labels != -100])  # (N, V)
 
 
 class PoolingClassifierHead(nn.Module):
     """ULMFiT's classifier head (fastai's `PoolingLinearClassifier`) on transformer states: the first
     token, the masked mean and the masked max, concatenated, then `LinBnDrop` layers."""
 
-    def __init__(self,
-        hidden: int,                  # Size of the encoder's hidden states
-        n_out: int,                   # Number of classes
-        lin_ftrs: list | None = None, # Sizes of the hidden linear layers (fastai's default: [50])
-        ps: list | None = None,       # Dropout of each hidden layer (default 0.1 each)
-        output_p: float = 0.1,        # Dropout on the pooled features
+    def __init__(
+        self,
+        hidden: int,  # Size of the encoder's hidden states
+        n_out: int,  # Number of classes
+        lin_ftrs: list | None = None,  # Sizes of the hidden linear layers (fastai's default: [50])
+        ps: list | None = None,  # Dropout of each hidden layer (default 0.1 each)
+        output_p: float = 0.1,  # Dropout on the pooled features
     ):
         super().__init__()
         lin_ftrs = [50] if lin_ftrs is None else list(lin_ftrs)
         ps = [0.1] * len(lin_ftrs) if ps is None else list(ps)
-        self.config = dict(hidden=hidden, n_out=n_out, lin_ftrs=lin_ftrs, ps=ps, output_p=output_p)  # rebuilds it (bundles)
+        self.config = dict(
+            hidden=hidden, n_out=n_out, lin_ftrs=lin_ftrs, ps=ps, output_p=output_p
+        )  # rebuilds it (bundles)
         dims, ps = [hidden * 3] + lin_ftrs + [n_out], [output_p] + ps
         acts = [nn.ReLU(inplace=True)] * len(lin_ftrs) + [None]
-        self.layers = nn.Sequential(*[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)])
+        self.layers = nn.Sequential(
+            *[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)]
+        )
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layers(masked_concat_pool(h, mask))                   # (B, H) -> (B, n_out)
+        return self.layers(masked_concat_pool(h, mask))  # (B, H) -> (B, n_out)
 
 
 class PoolingClassifierConfig(PreTrainedConfig):
     """An encoder with ULMFiT's pooling head, as a Hugging Face config: what a pooling classifier's bundle holds as
     `config.json`, so `AutoModelForSequenceClassification` and `pipeline("text-classification")` load the bundle."""
+
     model_type = "ulmfit_tx_pooling"
-    encoder: dict | None = None          # The encoder's config as a dict (any registered model type)
-    pooling: dict | None = None          # `PoolingClassifierHead`'s arguments (hidden, n_out, lin_ftrs, ps, output_p)
+    encoder: dict | None = None  # The encoder's config as a dict (any registered model type)
+    pooling: dict | None = None  # `PoolingClassifierHead`'s arguments (hidden, n_out, lin_ftrs, ps, output_p)
 
     def encoder_config(self) -> PreTrainedConfig:
         "The encoder's config object, of its model type's config class."
@@ -169,6 +212,7 @@ class PoolingClassifierConfig(PreTrainedConfig):
 class PoolingForSequenceClassification(PreTrainedModel):
     """The Hugging Face face of a pooling classifier: the encoder `hf` and `head`, the same modules (and weight names)
     as `SequenceClassifier`'s, so one safetensors file serves both. The attention mask defaults to the padding."""
+
     config_class = PoolingClassifierConfig
     base_model_prefix = "hf"
 
@@ -179,10 +223,15 @@ class PoolingForSequenceClassification(PreTrainedModel):
         self.head = PoolingClassifierHead(**config.pooling)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
         mask = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()  # (B, L)
-        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)   # (B, C)
+        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)  # (B, C)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -194,9 +243,10 @@ AutoModelForSequenceClassification.register(PoolingClassifierConfig, PoolingForS
 class SequenceClassifier(PortableHF):
     "A Hugging Face encoder with ULMFiT's pooling head, or a `...ForSequenceClassification` model with its own head."
 
-    def __init__(self,
-        hf: PreTrainedModel,            # A base model (with `head`) or a sequence-classification model (without)
-        pad_id: int,                    # The tokenizer's padding id: attention is masked there
+    def __init__(
+        self,
+        hf: PreTrainedModel,  # A base model (with `head`) or a sequence-classification model (without)
+        pad_id: int,  # The tokenizer's padding id: attention is masked there
         head: nn.Module | None = None,  # f(states (B, L, H), mask (B, L)) -> logits; None: the model's native head
     ):
         super().__init__()
@@ -205,26 +255,32 @@ class SequenceClassifier(PortableHF):
         self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = ids != self.pad_id                                         # (B, L) True at real tokens
-        if self.head is None: return self._call(self.hf, ids, mask).logits # (B, C)
-        h = self._call(self.hf, ids, mask).last_hidden_state              # (B, L, H): memory encoders read it by segments
-        return self.head(h, mask)                                         # (B, C)
+        mask = ids != self.pad_id  # (B, L) True at real tokens
+        if self.head is None:
+            return self._call(self.hf, ids, mask).logits  # (B, C)
+        h = self._call(self.hf, ids, mask).last_hidden_state  # (B, L, H): memory encoders read it by segments
+        return self.head(h, mask)  # (B, C)
 
 
 def _check_vocab(hf: PreTrainedModel, tok, src):
     if len(tok) > hf.config.vocab_size:
-        raise UlmfitError(f"{src}: the tokenizer has {len(tok)} tokens but the model's vocabulary {hf.config.vocab_size}; "
-                          "use the tokenizer saved with this model")
+        raise UlmfitError(
+            f"{src}: the tokenizer has {len(tok)} tokens but the model's vocabulary {hf.config.vocab_size}; "
+            "use the tokenizer saved with this model"
+        )
 
 
 def masked_lm_model(src, tok) -> MaskedLM:
     """A `MaskedLM` from a model folder, hub name or model. The MLM head is new if the checkpoint has none (a
     sentence-embedding model, an encoder saved without it); `.new_head` says so."""
-    if isinstance(src, PreTrainedModel): hf, missing = src, ()
-    else: hf, info = load_hf(src, "masked_lm", output_loading_info=True); missing = info["missing_keys"]
+    if isinstance(src, PreTrainedModel):
+        hf, missing = src, ()
+    else:
+        hf, info = load_hf(src, "masked_lm", output_loading_info=True)
+        missing = info["missing_keys"]
     _check_vocab(hf, tok, src)
     model = (MemoryMaskedLM if hf.config.model_type in MEMORY_MODEL_TYPES else MaskedLM)(hf, tok.pad_token_id)
-    model.new_head = any(not k.startswith(hf.base_model_prefix + ".") for k in missing)   # weights outside the encoder
+    model.new_head = any(not k.startswith(hf.base_model_prefix + ".") for k in missing)  # weights outside the encoder
     return model
 
 
@@ -236,9 +292,15 @@ def label_maps(labels) -> dict:
 
 def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, **head_kwargs) -> SequenceClassifier:
     "A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off)."
-    if head not in ("pooling", "native"): raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
+    if head not in ("pooling", "native"):
+        raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
     if head == "native":
-        hf = load_hf(src, "sequence_classification", num_labels=n_out, **label_maps(labels if labels is not None else range(n_out)))
+        hf = load_hf(
+            src,
+            "sequence_classification",
+            num_labels=n_out,
+            **label_maps(labels if labels is not None else range(n_out)),
+        )
         _check_vocab(hf, tok, src)
         return SequenceClassifier(hf, tok.pad_token_id)
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
@@ -247,41 +309,53 @@ def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, *
 
 
 def marge_model(
-    src,                            # Marge folder (continue), encoder folder / hub name / model, or an encoder config
-    tok,                            # The tokenizer (its vocabulary must fit the encoder's)
-    from_config: bool = False,      # Build the encoder of `src`'s config with fresh weights
-    **kwargs,                       # MargeConfig fields for a new decoder: retrieval_layer, self_layers, cross_layers, ...
+    src,  # Marge folder (continue), encoder folder / hub name / model, or an encoder config
+    tok,  # The tokenizer (its vocabulary must fit the encoder's)
+    from_config: bool = False,  # Build the encoder of `src`'s config with fresh weights
+    **kwargs,  # MargeConfig fields for a new decoder: retrieval_layer, self_layers, cross_layers, ...
 ) -> MargeLM:
     """A `MargeLM`: a saved Marge model, or a new decoder on the encoder of `src` (pretrained weights, or fresh ones
     from its config). `retrieval_layer` defaults to half the encoder's layers."""
     from .encoders import MargeConfig, MargeModel
+
     config = src if isinstance(src, PreTrainedConfig) else load_config(src)
     if config.model_type == MargeConfig.model_type:
-        if from_config or kwargs: raise UlmfitError(f"{src} is a Marge model already: its decoder settings are its own "
-                                                    f"(not {', '.join(kwargs) or 'from_config'})")
+        if from_config or kwargs:
+            raise UlmfitError(
+                f"{src} is a Marge model already: its decoder settings are its own "
+                f"(not {', '.join(kwargs) or 'from_config'})"
+            )
         hf = load_hf(src)
     else:
         if config.model_type in MEMORY_MODEL_TYPES:
-            raise UlmfitError(f"{src}: a {config.model_type!r} encoder reads segment by segment and cannot be Marge's encoder")
+            raise UlmfitError(
+                f"{src}: a {config.model_type!r} encoder reads segment by segment and cannot be Marge's encoder"
+            )
         fresh = from_config or isinstance(src, PreTrainedConfig)
-        enc = AutoModel.from_config(config, **_base_kwargs(config.model_type)) if fresh else \
-            load_hf(src, "base", **_base_kwargs(config.model_type))
+        enc = (
+            AutoModel.from_config(config, **_base_kwargs(config.model_type))
+            if fresh
+            else load_hf(src, "base", **_base_kwargs(config.model_type))
+        )
         kwargs.setdefault("retrieval_layer", max(1, config.num_hidden_layers // 2))
-        try: hf = MargeModel.from_encoder(enc, **kwargs)
-        except ValueError as e: raise UlmfitError(f"{src}: {e}") from None
+        try:
+            hf = MargeModel.from_encoder(enc, **kwargs)
+        except ValueError as e:
+            raise UlmfitError(f"{src}: {e}") from None
     _check_vocab(hf, tok, src)
     return MargeLM(hf)
 
 
 def load_config(src):
     "The config of a model folder or hub name (or model), without loading weights."
-    if isinstance(src, PreTrainedModel): return src.config
+    if isinstance(src, PreTrainedModel):
+        return src.config
     src = model_source(src)
-    try: return AutoConfig.from_pretrained(src)
+    try:
+        return AutoConfig.from_pretrained(src)
     except Exception as e:
         where = "its config" if Path(src).exists() else "the config of a hub model from here (no such local folder)"
         raise UlmfitError(f"{src}: cannot read {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
 
 
 def default_clf_max_len(model) -> int:

@@ -7,6 +7,7 @@ of the final weights and the run's statistics. The `ulmfit-tx` verbs are built o
     accuracy = run.fit(learn, ulmfit_stages())[-1]
     run.save_classifier(learn, {"accuracy": accuracy, **run.stats(learn, 5 * len(dls.train_ds))})
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,12 @@ from pathlib import Path
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, set_seed
 
+from . import plots
 from .checkpoint import CKPT, CheckpointCallback
 from .distributed import is_rank0, rank0_only
 from .errors import UlmfitError
 from .export import write_bundle
 from .io import atomic_dir, check_out_dir
-from . import plots
 from .precision import precision_of
 from .schedule import Stage, fit_stages
 
@@ -43,26 +44,31 @@ def write_json(path, obj) -> Path:
 class Run:
     "One training run that writes the folder `out`: resumable, atomically written, rank-0 safe under torchrun."
 
-    def __init__(self,
-        out,                                  # The output folder, written when the run finishes
-        force: bool = False,                  # Replace an existing `out`, and start over an interrupted run's checkpoint
-        resume: bool = False,                 # Continue the interrupted run from its checkpoint (`checkpoint_folder`)
+    def __init__(
+        self,
+        out,  # The output folder, written when the run finishes
+        force: bool = False,  # Replace an existing `out`, and start over an interrupted run's checkpoint
+        resume: bool = False,  # Continue the interrupted run from its checkpoint (`checkpoint_folder`)
         checkpoint_steps: int | None = None,  # Checkpoint every N training steps too (default: every epoch)
-        keep_checkpoints: bool = False,       # Keep the checkpoint folder when the run finishes
-        settings: dict | None = None,         # The run's settings: resuming with other settings is refused
-        seed: int | None = 42,                # `set_seed(seed, reproducible=True)` once the run is set up; None: no seeding
+        keep_checkpoints: bool = False,  # Keep the checkpoint folder when the run finishes
+        settings: dict | None = None,  # The run's settings: resuming with other settings is refused
+        seed: int | None = 42,  # `set_seed(seed, reproducible=True)` once the run is set up; None: no seeding
     ):
         self.out, self.force, self.keep = check_out_dir(out, force), force, keep_checkpoints
         folder = checkpoint_folder(out)
         if not resume and (folder / CKPT).exists():
             if not force:
-                raise UlmfitError(f"{folder}: an interrupted run's checkpoint is there; pass --resume to continue it, "
-                                  "--force to start again without it, or delete it")
+                raise UlmfitError(
+                    f"{folder}: an interrupted run's checkpoint is there; pass --resume to continue it, "
+                    "--force to start again without it, or delete it"
+                )
             shutil.rmtree(folder)
-        self.checkpoint = CheckpointCallback(folder, checkpoint_steps, settings or {}, resume=resume,
-                                             defer_last=not keep_checkpoints)
+        self.checkpoint = CheckpointCallback(
+            folder, checkpoint_steps, settings or {}, resume=resume, defer_last=not keep_checkpoints
+        )
         self.history = plots.LossHistory()
-        if seed is not None: set_seed(seed, reproducible=True)
+        if seed is not None:
+            set_seed(seed, reproducible=True)
 
     @property
     def cbs(self) -> list:
@@ -76,19 +82,23 @@ class Run:
         whose checkpoint was taken after the last stage)."""
         with learn.distrib_ctx() if num_distrib() > 1 else nullcontext():
             fit_stages(learn, stages)
-            values = getattr(learn.recorder, "values", None)      # (set by the fit's first epoch)
+            values = getattr(learn.recorder, "values", None)  # (set by the fit's first epoch)
             return list(values[-1][1:]) if values else learn.validate()
 
     def stats(self, learn: Learner, samples: int) -> dict:
         "Seconds spent training and validating, the training throughput over `samples` and the precision used."
         h = self.history
-        return dict(train_time_s=h.train_seconds, valid_time_s=h.valid_seconds,
-                    train_samples_per_s=samples / h.train_seconds if h.train_seconds else None,
-                    precision=precision_of(learn))
+        return dict(
+            train_time_s=h.train_seconds,
+            valid_time_s=h.valid_seconds,
+            train_samples_per_s=samples / h.train_seconds if h.train_seconds else None,
+            precision=precision_of(learn),
+        )
 
     def say(self, msg: str):
         "Print on the process of rank 0 only (the only one in a single-process run)."
-        if is_rank0(): print(msg)
+        if is_rank0():
+            print(msg)
 
     @contextmanager
     def outputs(self):
@@ -102,18 +112,21 @@ class Run:
         except BaseException:
             self.checkpoint.save_deferred()
             raise
-        if not self.keep: self.checkpoint.remove()
+        if not self.keep:
+            self.checkpoint.remove()
 
     def save_pretrained(self, learn: Learner, metrics: dict, extra: dict | None = None) -> Path:
-        """`out` as a model folder: `learn.write_pretrained` (weights and tokenizer), metrics.json and loss.png; `extra`
-        maps subfolder names to other models of the learner written there too."""
+        """`out` as a model folder: `learn.write_pretrained` (weights and tokenizer), metrics.json and loss.png;
+        `extra` maps subfolder names to other models of the learner written there too."""
         with self.outputs() as tmp:
-            if tmp is not None: self._write_pretrained(learn, metrics, tmp, extra)
+            if tmp is not None:
+                self._write_pretrained(learn, metrics, tmp, extra)
         return self.out
 
     def _write_pretrained(self, learn, metrics, tmp, extra):
         learn.write_pretrained(tmp)
-        for name, model in (extra or {}).items(): learn.write_pretrained(tmp / name, model)
+        for name, model in (extra or {}).items():
+            learn.write_pretrained(tmp / name, model)
         write_json(tmp / "metrics.json", metrics)
         plots.plot_losses(self.history, tmp / "loss.png")
 
@@ -122,16 +135,21 @@ class Run:
         `load_learner`, metrics.json, loss.png, confusion_matrix.png (with a `ConfusionCounts` callback on `learn`),
         and with `hf` a Hugging Face folder `hf/`."""
         with self.outputs() as tmp:
-            if tmp is not None: self._write_classifier(learn, metrics, tmp, hf)
+            if tmp is not None:
+                self._write_classifier(learn, metrics, tmp, hf)
         return self.out
 
     def _write_classifier(self, learn, metrics, tmp, hf):
         path, learn.path = learn.path, tmp
-        try: learn.export("export.pkl")
-        finally: learn.path = path
+        try:
+            learn.export("export.pkl")
+        finally:
+            learn.path = path
         write_bundle(learn.model, learn.tokenizer, list(learn.dls.vocab), tmp)
         write_json(tmp / "metrics.json", metrics)
         plots.plot_losses(self.history, tmp / "loss.png")
         counts = [cb for cb in learn.cbs if isinstance(cb, plots.ConfusionCounts)]
-        if counts: plots.plot_confusion_matrix(counts[0].counts, learn.dls.vocab, tmp / "confusion_matrix.png")
-        if hf: learn.write_pretrained(tmp / "hf")
+        if counts:
+            plots.plot_confusion_matrix(counts[0].counts, learn.dls.vocab, tmp / "confusion_matrix.png")
+        if hf:
+            learn.write_pretrained(tmp / "hf")

@@ -2,6 +2,7 @@
 offsets, optional label ids and validation flags, and `meta.json`. Built streaming (the corpus is never held
 whole), cached by source and tokenizer, and read without loading it: MLM blocks are index arithmetic over the
 flat array, batch lengths come from the offsets."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,17 @@ from .errors import UlmfitError, check_label_values, check_texts, valid_mask
 from .io import DOCS, atomic_dir, iter_chunks
 from .tokenize import HFTokenizer
 
-__all__ = ["FORMAT_VERSION", "TokenStore", "build_store", "tokenizer_fingerprint", "source_fingerprint", "default_cache",
-           "cached_store", "as_store", "is_store"]
+__all__ = [
+    "FORMAT_VERSION",
+    "TokenStore",
+    "build_store",
+    "tokenizer_fingerprint",
+    "source_fingerprint",
+    "default_cache",
+    "cached_store",
+    "as_store",
+    "is_store",
+]
 
 FORMAT_VERSION = 1
 FILES = {"ids": "ids.bin", "offsets": "offsets.bin", "labels": "labels.bin", "valid": "valid.bin"}
@@ -65,68 +75,88 @@ class TokenStore:
 
     def __init__(self, path):
         self.path = Path(path)
-        if not is_store(self.path): raise UlmfitError(f"{path}: not a token store (no meta.json and offsets.bin)")
-        try: self.meta = json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError) as e: raise UlmfitError(f"{path}/meta.json: unreadable ({e})") from None
+        if not is_store(self.path):
+            raise UlmfitError(f"{path}: not a token store (no meta.json and offsets.bin)")
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UlmfitError(f"{path}/meta.json: unreadable ({e})") from None
         if self.meta.get("format") != FORMAT_VERSION:
-            raise UlmfitError(f"{path}: token store format {self.meta.get('format')!r}, this ulmfit_tx reads {FORMAT_VERSION}; "
-                              "build it again")
+            raise UlmfitError(
+                f"{path}: token store format {self.meta.get('format')!r}, this ulmfit_tx reads {FORMAT_VERSION}; "
+                "build it again"
+            )
         self._open()
 
     def _map(self, name: str, dtype, n: int):
         f = self.path / FILES[name]
         want = n * np.dtype(dtype).itemsize
         if not f.exists() or f.stat().st_size != want:
-            raise UlmfitError(f"{f}: missing or truncated ({f.stat().st_size if f.exists() else 0} bytes, expected {want}); "
-                              "build the store again")
-        if not n: return np.zeros(0, dtype)
+            raise UlmfitError(
+                f"{f}: missing or truncated ({f.stat().st_size if f.exists() else 0} bytes, expected {want}); "
+                "build the store again"
+            )
+        if not n:
+            return np.zeros(0, dtype)
         m = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
         # reads jump around (shuffled blocks): no readahead, or every read maps ~128 kB of the file into memory
-        if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None: m._mmap.madvise(mmap.MADV_RANDOM)
+        if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None:
+            m._mmap.madvise(mmap.MADV_RANDOM)
         return m
 
     def _release(self):
-        """Every 256 document reads, unmap the pages of the id and offset files this process has touched: the kernel maps
-        up to 64 kB around each read, which would otherwise grow the resident size by ~64 kB per random read
-        (clean file pages, reclaimable, but counted). The data stay in the page cache; a later read maps them again."""
+        """Every 256 document reads, unmap the pages of the id and offset files this process has touched: the kernel
+        maps up to 64 kB around each read, which would otherwise grow the resident size by ~64 kB per random read
+        (clean file pages, reclaimable, but counted). The data stay in the page cache; a later read maps them
+        again."""
         self._reads += 1
-        if self._reads % 256 or not hasattr(mmap, "MADV_DONTNEED"): return
+        if self._reads % 256 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
         for m in (self.ids, self.offsets):
-            if getattr(m, "_mmap", None) is not None: m._mmap.madvise(mmap.MADV_DONTNEED)
+            if getattr(m, "_mmap", None) is not None:
+                m._mmap.madvise(mmap.MADV_DONTNEED)
 
     def _open(self):
         m = self.meta
-        self.ids = self._map("ids", m["dtype"], m["n_tokens"])              # (n_tokens,) every document's ids, in order
-        self.offsets = self._map("offsets", np.int64, m["n_docs"] + 1)      # (n_docs + 1,) where each document starts
+        self.ids = self._map("ids", m["dtype"], m["n_tokens"])  # (n_tokens,) every document's ids, in order
+        self.offsets = self._map("offsets", np.int64, m["n_docs"] + 1)  # (n_docs + 1,) where each document starts
         self.labels = self._map("labels", np.int32, m["n_docs"]) if m["classes"] is not None else None
         self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
         self._reads = 0
 
-    def __len__(self) -> int: return self.meta["n_docs"]
-    def __repr__(self): return f"TokenStore({str(self.path)!r}: {len(self):,} documents, {self.meta['n_tokens']:,} tokens)"
+    def __len__(self) -> int:
+        return self.meta["n_docs"]
+
+    def __repr__(self):
+        return f"TokenStore({str(self.path)!r}: {len(self):,} documents, {self.meta['n_tokens']:,} tokens)"
 
     @property
-    def classes(self) -> list | None: return self.meta["classes"]
+    def classes(self) -> list | None:
+        return self.meta["classes"]
 
     def doc(self, i: int) -> np.ndarray:
         "Token ids of document `i` (a view of the map)."
         self._release()
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
     def lengths(self, idx=None) -> np.ndarray:
         "Token counts of the documents `idx` (all by default), from the offsets."
-        if idx is None: return np.diff(self.offsets)
+        if idx is None:
+            return np.diff(self.offsets)
         idx = np.asarray(idx)
         return self.offsets[idx + 1] - self.offsets[idx]
 
     def check_tokenizer(self, tfm: HFTokenizer, where: str = "the model"):
         "Refuse a store whose ids come from another tokenizer than `tfm`'s."
         if self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tfm):
-            raise UlmfitError(f"{self.path}: this token store was made with another tokenizer "
-                              f"({self.meta['tokenizer']['name']!r}, {self.meta['tokenizer']['vocab_size']} tokens) than "
-                              f"{where}'s; build the store with that model's tokenizer (ulmfit-tx tokenize --model ...)")
+            raise UlmfitError(
+                f"{self.path}: this token store was made with another tokenizer "
+                f"({self.meta['tokenizer']['name']!r}, {self.meta['tokenizer']['vocab_size']} tokens) than "
+                f"{where}'s; build the store with that model's tokenizer (ulmfit-tx tokenize --model ...)"
+            )
 
-    def __getstate__(self): return {"path": self.path, "meta": self.meta}
+    def __getstate__(self):
+        return {"path": self.path, "meta": self.meta}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -145,29 +175,35 @@ class _Progress:
         now = time.time()
         if self.show and now - self.t0 > 1 and (final or now - self.last > 0.5):
             self.last = now
-            print(f"\r{self.what}: {self.n:,} documents, {self.n / max(now - self.t0, 1e-9):,.0f} documents/s",
-                  end="\n" if final else "", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.what}: {self.n:,} documents, {self.n / max(now - self.t0, 1e-9):,.0f} documents/s",
+                end="\n" if final else "",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _label_order(names: list[str]) -> list:
     "Class names sorted as fastai's `Categorize` sorts them: as integers when every name is one."
-    try: return sorted(int(n) for n in names) if all(str(int(n)) == n for n in names) else sorted(names)
-    except ValueError: return sorted(names)
+    try:
+        return sorted(int(n) for n in names) if all(str(int(n)) == n for n in names) else sorted(names)
+    except ValueError:
+        return sorted(names)
 
 
 def build_store(
-    source,                          # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame or list of texts
-    tokenizer,                       # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
-    out,                             # The store folder to write (written to a temporary folder, then renamed)
-    text_col: str = "text",          # Column with the texts
-    label_col: str | None = None,    # Column with the labels (stored as ids into the sorted class names), or None
-    valid_col: str | None = None,    # Boolean column marking validation rows, stored when the data has it
-    docs: str = "lines",             # For a plain-text corpus: a document is a line, a file, or a WikiText article
-    unk: str | None = None,          # For a plain-text corpus: write WikiText's `<unk>` as this token (the tokenizer's)
-    max_docs: int | None = None,     # Read only the first `max_docs` documents
-    chunk_rows: int = 1000,          # Documents read and tokenized at a time (bounds the build's memory)
-    force: bool = False,             # Replace an existing `out`
-    progress: bool = True,           # Show documents/s while tokenizing
+    source,  # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame or list of texts
+    tokenizer,  # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
+    out,  # The store folder to write (written to a temporary folder, then renamed)
+    text_col: str = "text",  # Column with the texts
+    label_col: str | None = None,  # Column with the labels (stored as ids into the sorted class names), or None
+    valid_col: str | None = None,  # Boolean column marking validation rows, stored when the data has it
+    docs: str = "lines",  # For a plain-text corpus: a document is a line, a file, or a WikiText article
+    unk: str | None = None,  # For a plain-text corpus: write WikiText's `<unk>` as this token (the tokenizer's)
+    max_docs: int | None = None,  # Read only the first `max_docs` documents
+    chunk_rows: int = 1000,  # Documents read and tokenized at a time (bounds the build's memory)
+    force: bool = False,  # Replace an existing `out`
+    progress: bool = True,  # Show documents/s while tokenizing
 ) -> TokenStore:
     """Tokenize `source` into a token store at `out`, streaming: chunks of `chunk_rows` documents are read,
     encoded in one parallel call of the fast tokenizer and appended to the flat id file. Blank texts and
@@ -176,40 +212,56 @@ def build_store(
     vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     if isinstance(source, (str, os.PathLike)):
-        if docs not in DOCS: raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
+        if docs not in DOCS:
+            raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
         chunks, name = iter_chunks(source, text_col, label_col, valid_col, docs, chunk_rows, unk=unk), str(source)
     else:
         df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
-        chunks = (_df_chunk(df.iloc[i:i + chunk_rows], text_col, label_col, valid_col)
-                  for i in range(0, max(len(df), 1), chunk_rows))
+        chunks = (
+            _df_chunk(df.iloc[i : i + chunk_rows], text_col, label_col, valid_col)
+            for i in range(0, max(len(df), 1), chunk_rows)
+        )
         name = f"DataFrame with {len(df):,} rows"
     bar = _Progress(f"tokenizing {Path(name).name if isinstance(source, (str, os.PathLike)) else name}", progress)
     classes: dict[str, int] = {}
     n_docs = n_tokens = 0
     has_valid = False
     with atomic_dir(out, force) as tmp:
-        with open(tmp / FILES["ids"], "wb") as f_ids, open(tmp / FILES["offsets"], "wb") as f_off, \
-             open(tmp / FILES["labels"], "wb") as f_lab, open(tmp / FILES["valid"], "wb") as f_val:
+        with (
+            open(tmp / FILES["ids"], "wb") as f_ids,
+            open(tmp / FILES["offsets"], "wb") as f_off,
+            open(tmp / FILES["labels"], "wb") as f_lab,
+            open(tmp / FILES["valid"], "wb") as f_val,
+        ):
             f_off.write(np.zeros(1, np.int64).tobytes())
             for chunk in chunks:
-                if max_docs is not None and n_docs >= max_docs: break
-                if max_docs is not None: chunk = chunk.iloc[:max_docs - n_docs]
-                if len(chunk) == 0: continue
+                if max_docs is not None and n_docs >= max_docs:
+                    break
+                if max_docs is not None:
+                    chunk = chunk.iloc[: max_docs - n_docs]
+                if len(chunk) == 0:
+                    continue
                 check_texts(chunk, "text", name, shown=text_col)
-                if label_col is not None: check_label_values(chunk, "label", name, shown=label_col)
-                ids = list(tfm.token_ids(chunk["text"].tolist(), chunk=len(chunk)))   # one call of the fast tokenizer
+                if label_col is not None:
+                    check_label_values(chunk, "label", name, shown=label_col)
+                ids = list(tfm.token_ids(chunk["text"].tolist(), chunk=len(chunk)))  # one call of the fast tokenizer
                 lens = np.fromiter(map(len, ids), np.int64, len(ids))
                 f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum())).tobytes())
                 f_off.write((n_tokens + np.cumsum(lens)).tobytes())
                 if label_col is not None:
-                    f_lab.write(np.array([classes.setdefault(str(v), len(classes)) for v in chunk["label"]], np.int32).tobytes())
+                    f_lab.write(
+                        np.array(
+                            [classes.setdefault(str(v), len(classes)) for v in chunk["label"]], np.int32
+                        ).tobytes()
+                    )
                 if "is_valid" in chunk:
                     has_valid = True
                     f_val.write(valid_mask(chunk, "is_valid").to_numpy(bool).tobytes())
                 n_docs, n_tokens = n_docs + len(chunk), n_tokens + int(lens.sum())
                 bar.update(len(chunk))
         bar.update(0, final=True)
-        if n_docs == 0: raise UlmfitError(f"{name}: no documents (a header but no rows, or only blank lines)")
+        if n_docs == 0:
+            raise UlmfitError(f"{name}: no documents (a header but no rows, or only blank lines)")
         order = None
         if label_col is not None:
             order = _label_order(list(classes))
@@ -218,14 +270,33 @@ def build_store(
             lab[:] = remap[lab]
             lab.flush()
             del lab
-        else: (tmp / FILES["labels"]).unlink()
-        if not has_valid: (tmp / FILES["valid"]).unlink()
-        meta = {"format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "n_docs": n_docs, "n_tokens": n_tokens,
-                "classes": order, "has_valid": has_valid,
-                "tokenizer": {"fingerprint": tokenizer_fingerprint(tfm), "name": tfm.tok.name_or_path, "vocab_size": len(tfm.tok)},
-                "source": {"name": name, "fingerprint": source_fingerprint(source), "text_col": text_col,
-                           "label_col": label_col, "valid_col": valid_col, "docs": docs, "unk": unk},
-                "seconds": round(time.time() - bar.t0, 3)}
+        else:
+            (tmp / FILES["labels"]).unlink()
+        if not has_valid:
+            (tmp / FILES["valid"]).unlink()
+        meta = {
+            "format": FORMAT_VERSION,
+            "dtype": np.dtype(dtype).name,
+            "n_docs": n_docs,
+            "n_tokens": n_tokens,
+            "classes": order,
+            "has_valid": has_valid,
+            "tokenizer": {
+                "fingerprint": tokenizer_fingerprint(tfm),
+                "name": tfm.tok.name_or_path,
+                "vocab_size": len(tfm.tok),
+            },
+            "source": {
+                "name": name,
+                "fingerprint": source_fingerprint(source),
+                "text_col": text_col,
+                "label_col": label_col,
+                "valid_col": valid_col,
+                "docs": docs,
+                "unk": unk,
+            },
+            "seconds": round(time.time() - bar.t0, 3),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return TokenStore(out)
 
@@ -233,9 +304,13 @@ def build_store(
 def _df_chunk(df: pd.DataFrame, text_col: str, label_col: str | None, valid_col: str | None) -> pd.DataFrame:
     "A slice of a DataFrame with columns `text` (and `label`, `is_valid`), as `iter_chunks` gives them."
     from .errors import check_columns
+
     check_columns(df, [text_col] + ([label_col] if label_col else []))
-    cols = {text_col: "text", **({label_col: "label"} if label_col else {}),
-            **({valid_col: "is_valid"} if valid_col and valid_col in df else {})}
+    cols = {
+        text_col: "text",
+        **({label_col: "label"} if label_col else {}),
+        **({valid_col: "is_valid"} if valid_col and valid_col in df else {}),
+    }
     return df[list(cols)].rename(columns=cols)
 
 
@@ -249,35 +324,46 @@ def cached_store(source, tfm: HFTokenizer, cache=None, verbose: bool = True, **o
     `build_store`), from `cache` (default `default_cache()`): reused when its source and tokenizer
     fingerprints match (tokenization is skipped, and it says so), built or rebuilt otherwise."""
     from .distributed import rank0_first
+
     with rank0_first():  # in a distributed run, rank 0 builds the entry and the others then read it
         return _cached_store(source, tfm, cache, verbose, **opts)
 
 
 def _cached_store(source, tfm: HFTokenizer, cache, verbose: bool, **opts) -> TokenStore:
     from .distributed import is_rank0
+
     cache = Path(cache) if cache is not None else default_cache()
-    key = json.dumps({"source": str(Path(source).absolute()), "tokenizer": tokenizer_fingerprint(tfm), **opts}, sort_keys=True)
+    key = json.dumps(
+        {"source": str(Path(source).absolute()), "tokenizer": tokenizer_fingerprint(tfm), **opts}, sort_keys=True
+    )
     entry = cache / hashlib.sha256(key.encode()).hexdigest()[:20]
     if is_store(entry):
         try:
             store = TokenStore(entry)
             if store.meta["source"]["fingerprint"] == source_fingerprint(source):
-                if verbose and is_rank0(): print(f"token store: {len(store):,} documents of {source} read from the cache {entry} "
-                                  "(tokenization skipped)", file=sys.stderr)
+                if verbose and is_rank0():
+                    print(
+                        f"token store: {len(store):,} documents of {source} read from the cache {entry} "
+                        "(tokenization skipped)",
+                        file=sys.stderr,
+                    )
                 return store
-            if verbose: print(f"token store: {source} changed since {entry} was built; tokenizing again", file=sys.stderr)
+            if verbose:
+                print(f"token store: {source} changed since {entry} was built; tokenizing again", file=sys.stderr)
         except UlmfitError as e:
-            if verbose: print(f"token store: rebuilding the unusable cache entry {entry} ({e})", file=sys.stderr)
-    if not is_rank0(): raise UlmfitError(f"{entry}: rank 0 did not build this token store")
+            if verbose:
+                print(f"token store: rebuilding the unusable cache entry {entry} ({e})", file=sys.stderr)
+    if not is_rank0():
+        raise UlmfitError(f"{entry}: rank 0 did not build this token store")
     return build_store(source, tfm, entry, force=True, progress=verbose, **opts)
 
 
 def as_store(
-    source,                         # A `TokenStore`, a store folder, a file/folder path, a DataFrame or a list of texts
-    tfm: HFTokenizer,               # The tokenizer the ids must come from
-    cache=None,                     # Cache folder for stores built from files (None: `default_cache()`; False: a temporary store)
-    verbose: bool = True,           # Say whether the cache was used
-    **opts,                         # Reading options of `build_store` (text_col, label_col, valid_col, docs, unk)
+    source,  # A `TokenStore`, a store folder, a file/folder path, a DataFrame or a list of texts
+    tfm: HFTokenizer,  # The tokenizer the ids must come from
+    cache=None,  # Cache folder for stores built from files (None: `default_cache()`; False: a temporary store)
+    verbose: bool = True,  # Say whether the cache was used
+    **opts,  # Reading options of `build_store` (text_col, label_col, valid_col, docs, unk)
 ) -> TokenStore:
     """`source` as a token store made with `tfm`'s tokenizer: a given store is checked, a file or folder is
     tokenized into the cache (or found there), a DataFrame or list into a temporary store removed with it."""
@@ -285,10 +371,13 @@ def as_store(
         store = source if isinstance(source, TokenStore) else TokenStore(source)
         store.check_tokenizer(tfm)
         return store
-    if isinstance(source, (str, os.PathLike)) and cache is not False: return cached_store(source, tfm, cache, verbose, **opts)
+    if isinstance(source, (str, os.PathLike)) and cache is not False:
+        return cached_store(source, tfm, cache, verbose, **opts)
     tmp = Path(tempfile.mkdtemp(prefix="ulmfit_tx_store-"))
-    try: store = build_store(source, tfm, tmp / "store", progress=False, **opts)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    try:
+        store = build_store(source, tfm, tmp / "store", progress=False, **opts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     weakref.finalize(store, shutil.rmtree, tmp, True)
     return store
-

@@ -1,4 +1,5 @@
 "A fastai Transform over a Hugging Face fast tokenizer: encode once, truncate, decode for display."
+
 from __future__ import annotations
 
 import shutil
@@ -25,13 +26,18 @@ IDS_COL = "input_ids"  # the DataFrame column where `HFTokenizer.setups` caches 
 
 def load_tokenizer(src) -> PreTrainedTokenizerBase:
     "Load the fast tokenizer of a model folder or hub name; it must have a padding token."
-    if isinstance(src, PreTrainedTokenizerBase): tok = src
+    if isinstance(src, PreTrainedTokenizerBase):
+        tok = src
     else:
         src = model_source(src)
-        try: tok = AutoTokenizer.from_pretrained(src)
-        except Exception as e: raise UlmfitError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
-    if not tok.is_fast: raise UlmfitError(f"{src}: ulmfit_tx needs a fast (Rust) tokenizer, got {type(tok).__name__}")
-    if tok.pad_token_id is None: raise UlmfitError(f"{src}: the tokenizer has no padding token")
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+        except Exception as e:
+            raise UlmfitError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    if not tok.is_fast:
+        raise UlmfitError(f"{src}: ulmfit_tx needs a fast (Rust) tokenizer, got {type(tok).__name__}")
+    if tok.pad_token_id is None:
+        raise UlmfitError(f"{src}: the tokenizer has no padding token")
     return tok
 
 
@@ -40,7 +46,8 @@ def _special_wrap(backend: Tokenizer) -> tuple[list[int], list[int]]:
     plain = backend.encode("hello world", add_special_tokens=False).ids
     full = backend.encode("hello world", add_special_tokens=True).ids
     for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain: return full[:i], full[i + len(plain):]
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
     raise UlmfitError("cannot tell which special tokens this tokenizer adds around a text")
 
 
@@ -51,14 +58,19 @@ def word_start_table(tok: PreTrainedTokenizerBase) -> torch.Tensor:
     backend = tok.backend_tokenizer
     prefix = getattr(backend.model, "continuing_subword_prefix", None)
     pre = repr(backend.pre_tokenizer) + repr(backend.decoder)
-    if prefix: starts = lambda t: not t.startswith(prefix)
-    elif "ByteLevel" in pre: starts = lambda t: t.startswith("Ġ")
-    elif "Metaspace" in pre: starts = lambda t: t.startswith("▁")
-    else: raise UlmfitError("whole-word masking: cannot tell word starts for this tokenizer; use whole_word=False")
+    if prefix:
+        starts = lambda t: not t.startswith(prefix)
+    elif "ByteLevel" in pre:
+        starts = lambda t: t.startswith("Ġ")
+    elif "Metaspace" in pre:
+        starts = lambda t: t.startswith("▁")
+    else:
+        raise UlmfitError("whole-word masking: cannot tell word starts for this tokenizer; use whole_word=False")
     table = torch.ones(max(len(tok), max(vocab.values()) + 1), dtype=torch.bool)
     special = set(tok.all_special_ids)
     for t, i in vocab.items():
-        if i not in special: table[i] = starts(t)
+        if i not in special:
+            table[i] = starts(t)
     return table
 
 
@@ -67,17 +79,20 @@ class HFTokenizer(Transform):
     truncated to `max_len`), and decode ids back to text for `show_batch` and `show_results`.
     With `text_col`, `setups` tokenizes a whole DataFrame once, in one batched call, and caches the
     ids in its `input_ids` column, so batches never re-tokenize."""
+
     input_types = (pd.Series, str, list, np.ndarray)
     train_setup = False  # `setups` gets the whole dataset (all splits are tokenized once), not the training subset
 
-    def __init__(self,
-        tokenizer,                   # A fast tokenizer, or a model folder / hub name to load one from
+    def __init__(
+        self,
+        tokenizer,  # A fast tokenizer, or a model folder / hub name to load one from
         max_len: int | None = None,  # Longest sequence, special tokens included (None: tokenizer's limit, at most 512)
-        truncate: str = "head",      # "head" keeps the start of long texts, "head+tail" the start and the end
-        head_frac: float = 0.25,     # With "head+tail": the share of the kept tokens taken from the start
-        text_col: str | None = None, # DataFrame column read by `setups` and for rows without cached ids
+        truncate: str = "head",  # "head" keeps the start of long texts, "head+tail" the start and the end
+        head_frac: float = 0.25,  # With "head+tail": the share of the kept tokens taken from the start
+        text_col: str | None = None,  # DataFrame column read by `setups` and for rows without cached ids
     ):
-        if truncate not in ("head", "head+tail"): raise UlmfitError(f"truncate must be 'head' or 'head+tail', not {truncate!r}")
+        if truncate not in ("head", "head+tail"):
+            raise UlmfitError(f"truncate must be 'head' or 'head+tail', not {truncate!r}")
         self.tok = load_tokenizer(tokenizer)
         self.max_len = max_len or min(self.tok.model_max_length, 512)
         self.truncate, self.head_frac, self.text_col = truncate, head_frac, text_col
@@ -91,10 +106,12 @@ class HFTokenizer(Transform):
         self.prefix, self.suffix = _special_wrap(self.backend)
 
     @property
-    def pad_id(self) -> int: return self.tok.pad_token_id
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
 
     @property
-    def pad_first(self) -> bool: return self.tok.padding_side == "left"
+    def pad_first(self) -> bool:
+        return self.tok.padding_side == "left"
 
     def wrap(self, ids, truncate: bool = True) -> np.ndarray:
         "One text's ids (without special tokens) as model input: truncated to fit `max_len`, special tokens around."
@@ -102,7 +119,7 @@ class HFTokenizer(Transform):
         n = self.max_len - len(self.prefix) - len(self.suffix)
         if truncate and len(ids) > n:
             head = n if self.truncate == "head" else round(n * self.head_frac)
-            ids = np.concatenate([ids[:head], ids[len(ids) - (n - head):]])
+            ids = np.concatenate([ids[:head], ids[len(ids) - (n - head) :]])
         return np.concatenate([np.asarray(self.prefix, np.int32), ids, np.asarray(self.suffix, np.int32)])
 
     def token_ids(self, texts, chunk: int = 4096) -> Iterator[list[int]]:
@@ -110,9 +127,10 @@ class HFTokenizer(Transform):
         at a time (so memory holds one chunk of the tokenizer's encodings, not all of them)."""
         texts = list(texts)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad: raise UlmfitError(f"{len(bad)} text(s) are not strings (positions {bad[:5]})")
+        if bad:
+            raise UlmfitError(f"{len(bad)} text(s) are not strings (positions {bad[:5]})")
         for i in range(0, len(texts), chunk):
-            yield from (e.ids for e in self.backend.encode_batch_fast(texts[i:i + chunk], add_special_tokens=False))
+            yield from (e.ids for e in self.backend.encode_batch_fast(texts[i : i + chunk], add_special_tokens=False))
 
     def encode_batch(self, texts) -> list[np.ndarray]:
         "Model inputs of many texts: special tokens added, truncated to `max_len`."
@@ -121,22 +139,28 @@ class HFTokenizer(Transform):
     def setups(self, dsets):
         "Tokenize the DataFrame behind `dsets` once and cache the ids in its `input_ids` column."
         items = getattr(dsets, "items", None)
-        if self.text_col is None or not isinstance(items, pd.DataFrame) or IDS_COL in items: return
+        if self.text_col is None or not isinstance(items, pd.DataFrame) or IDS_COL in items:
+            return
         dsets.items = items.assign(**{IDS_COL: self.encode_batch(items[self.text_col])})
 
     def encodes(self, o: pd.Series):
-        if IDS_COL in o.index: return TensorText(torch.as_tensor(o[IDS_COL], dtype=torch.long))
+        if IDS_COL in o.index:
+            return TensorText(torch.as_tensor(o[IDS_COL], dtype=torch.long))
         return self(o[self.text_col])
 
-    def encodes(self, o: str): return TensorText(torch.as_tensor(self.encode_batch([o])[0], dtype=torch.long))
-    def encodes(self, o: list | np.ndarray): return TensorText(torch.as_tensor(np.asarray(o), dtype=torch.long))
+    def encodes(self, o: str):  # noqa: F811 (fastai dispatches `encodes` on the type of `o`)
+        return TensorText(torch.as_tensor(self.encode_batch([o])[0], dtype=torch.long))
+
+    def encodes(self, o: list | np.ndarray):  # noqa: F811
+        return TensorText(torch.as_tensor(np.asarray(o), dtype=torch.long))
 
     def decode_ids(self, ids) -> str:
         "Text of `ids` without padding and sequence markers (a [MASK] stays visible)."
         drop = {self.pad_id, *self.prefix, *self.suffix}
         return self.tok.decode([i for i in torch.as_tensor(ids).tolist() if i not in drop]).strip()
 
-    def decodes(self, o: TensorText): return TitledStr(self.decode_ids(o))
+    def decodes(self, o: TensorText):
+        return TitledStr(self.decode_ids(o))
 
     def __getstate__(self):
         "Pickle the tokenizer as its `save_pretrained` files, not as transformers objects."
@@ -145,7 +169,8 @@ class HFTokenizer(Transform):
         try:
             self.tok.save_pretrained(tmp)
             state["tok_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-        finally: shutil.rmtree(tmp)
+        finally:
+            shutil.rmtree(tmp)
         return state
 
     def __setstate__(self, state):
@@ -153,17 +178,21 @@ class HFTokenizer(Transform):
         self.__dict__.update(state)
         tmp = tempfile.mkdtemp()
         try:
-            for name, data in files.items(): (Path(tmp) / name).write_bytes(data)
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
             self.tok = AutoTokenizer.from_pretrained(tmp)
-        finally: shutil.rmtree(tmp)
+        finally:
+            shutil.rmtree(tmp)
         self._init_backend()
 
 
 def find_tokenizer(dls) -> HFTokenizer:
     "The `HFTokenizer` in the input pipeline of `dls` (DataLoaders or Datasets)."
     ds = getattr(dls, "valid_ds", dls)
-    if isinstance(getattr(ds, "tfm", None), HFTokenizer): return ds.tfm  # a view of a token store
+    if isinstance(getattr(ds, "tfm", None), HFTokenizer):
+        return ds.tfm  # a view of a token store
     for tl in getattr(ds, "tls", [ds]):
         for t in getattr(getattr(tl, "tfms", None), "fs", []):
-            if isinstance(t, HFTokenizer): return t
+            if isinstance(t, HFTokenizer):
+                return t
     raise UlmfitError("these DataLoaders have no HFTokenizer; build them with ulmfit_tx's data functions")

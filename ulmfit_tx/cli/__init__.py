@@ -1,6 +1,7 @@
 """The `ulmfit-tx` command line: the same flows as the Python API (tokenizing, pretraining, MLM fine-tuning, Marge,
 classifier training, prediction, ONNX export, fill-mask, learning-rate finder), with progress bars, metrics and plots.
 Each verb is a module with `add_arguments(parser)` and `run(args)`."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,17 @@ import sys
 
 __all__ = ["VERBS", "build_parser", "main", "run"]
 
-VERBS = {"tokenize": "tokenize", "pretrain": "pretrain", "pretrain-marge": "pretrain_marge",
-         "finetune-lm": "finetune_lm", "train-clf": "train_clf", "predict": "predict", "export-onnx": "export_onnx",
-         "fill-mask": "fill_mask", "lr-find": "lr_find"}   # verb -> its module in this package
+VERBS = {
+    "tokenize": "tokenize",
+    "pretrain": "pretrain",
+    "pretrain-marge": "pretrain_marge",
+    "finetune-lm": "finetune_lm",
+    "train-clf": "train_clf",
+    "predict": "predict",
+    "export-onnx": "export_onnx",
+    "fill-mask": "fill_mask",
+    "lr-find": "lr_find",
+}  # verb -> its module in this package
 
 
 def _verb(name: str):
@@ -20,8 +29,11 @@ def _verb(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ulmfit-tx", description="The ULMFiT recipe for transformers: the flows of the "
-                                 "Python API, with progress bars, metrics and plots.")
+    ap = argparse.ArgumentParser(
+        prog="ulmfit-tx",
+        description="The ULMFiT recipe for transformers: the flows of the "
+        "Python API, with progress bars, metrics and plots.",
+    )
     ap.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in VERBS:
@@ -33,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries(debug: bool):
     "Keep transformers' load reports out of the console unless --debug."
     import transformers
-    if not debug: transformers.logging.set_verbosity_error()
+
+    if not debug:
+        transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
@@ -41,19 +55,26 @@ def main(argv=None) -> int:
     "Run one `ulmfit-tx` command; its exit code: 0, 2 for an error it names, 130 when interrupted."
     a = build_parser().parse_args(argv)
     from ..errors import UlmfitError
+
     try:
         from ..distributed import init_distributed
+
         init_distributed()  # joins the process group when torchrun (or accelerate launch) started this process
         _quiet_libraries(a.debug)
         _verb(a.command).run(a)
     except (UlmfitError, FileNotFoundError, PermissionError) as e:
-        if a.debug: raise
+        if a.debug:
+            raise
         print(f"ulmfit-tx {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from ..checkpoint import Interrupted
-        print(f"ulmfit-tx {a.command}: interrupted" + (f" ({e}); rerun the same command with --resume to continue"
-                                                       if isinstance(e, Interrupted) else ""), file=sys.stderr)
+
+        print(
+            f"ulmfit-tx {a.command}: interrupted"
+            + (f" ({e}); rerun the same command with --resume to continue" if isinstance(e, Interrupted) else ""),
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -65,14 +86,19 @@ def run() -> None:
     (`| head`) ends the command quietly, with code 141."""
     import atexit
     import threading
-    try: rc = main()
-    except BrokenPipeError:   # the reader went away (`ulmfit-tx predict ... | head`): stop quietly, as `cat` does
+
+    try:
+        rc = main()
+    except BrokenPipeError:  # the reader went away (`ulmfit-tx predict ... | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        rc = 141              # 128 + SIGPIPE, the shell's code for it
+        rc = 141  # 128 + SIGPIPE, the shell's code for it
     for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon: t.join()
-    atexit._run_exitfuncs()   # what the interpreter runs at exit: logging, temporary folders, weakref finalizers
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit: logging, temporary folders, weakref finalizers
     for f in (sys.stdout, sys.stderr):
-        try: f.flush()
-        except (AttributeError, OSError, ValueError): pass   # no stream, a closed pipe: as at a normal exit
+        try:
+            f.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # no stream, a closed pipe: as at a normal exit
     os._exit(rc)

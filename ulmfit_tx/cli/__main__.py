@@ -1,4 +1,5 @@
 "`python -m ulmfit_tx.cli`: the `ulmfit-tx` program."
+
 from . import run
 
 run()

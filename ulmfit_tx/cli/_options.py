@@ -1,12 +1,24 @@
 """Option groups shared by the verbs (one name per concept: `--data`, `--max-docs`, `--out` everywhere), the checks
 that run before any work starts, and the settings a resumed run must share."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-__all__ = ["add_model", "add_data", "add_docs", "add_classifier_data", "add_output", "add_checkpoint", "add_training", "check_args",
-           "settings_of", "start_run"]
+__all__ = [
+    "add_model",
+    "add_data",
+    "add_docs",
+    "add_classifier_data",
+    "classifier_data",
+    "add_output",
+    "add_checkpoint",
+    "add_training",
+    "check_args",
+    "settings_of",
+    "start_run",
+]
 
 DATA_FORMS = "CSV (.csv, .csv.gz), TSV or parquet file, .txt/.txt.gz corpus, or a token store (tokenize)"
 
@@ -15,34 +27,72 @@ def add_model(p: argparse.ArgumentParser, help: str = "model folder (save_pretra
     p.add_argument("--model", required=True, help=help)
 
 
-def add_data(p: argparse.ArgumentParser, labels: bool = False, required: bool = True, cache: bool = True,
-             former: tuple = ()):
+def add_data(
+    p: argparse.ArgumentParser, labels: bool = False, required: bool = True, cache: bool = True, former: tuple = ()
+):
     "--data (`former`: older names it also answers to) and --text-col; with `labels` --label-col and --valid-col."
     forms = DATA_FORMS + (", or a folder laid out as train/<label>/*.txt" if labels else "")
     p.add_argument("--data", *former, required=required, help=forms)
     p.add_argument("--text-col", default="text", help="column with the texts (default: text)")
     if labels:
         p.add_argument("--label-col", default="label", help="column with the labels (default: label)")
-        p.add_argument("--valid-col", default="is_valid",
-                       help="boolean column marking validation rows (default: is_valid; random 20%% split if absent)")
+        p.add_argument(
+            "--valid-col",
+            default="is_valid",
+            help="boolean column marking validation rows (default: is_valid; random 20%% split if absent)",
+        )
     if cache:
-        p.add_argument("--cache", help="token store cache: a file is tokenized once and reused while it and the "
-                       "tokenizer are unchanged (default: $ULMFIT_TX_CACHE or ~/.cache/ulmfit_tx/stores)")
+        p.add_argument(
+            "--cache",
+            help="token store cache: a file is tokenized once and reused while it and the "
+            "tokenizer are unchanged (default: $ULMFIT_TX_CACHE or ~/.cache/ulmfit_tx/stores)",
+        )
 
 
 def add_docs(p: argparse.ArgumentParser, former: tuple = ()):
     "--docs and --max-docs (`former`: older names it also answers to): what a document is, and how many to read."
-    p.add_argument("--docs", default="lines", choices=["lines", "files", "articles"],
-                   help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article (' = Title = ')")
+    p.add_argument(
+        "--docs",
+        default="lines",
+        choices=["lines", "files", "articles"],
+        help="for .txt/.txt.gz data: a document is a line, the file, or a WikiText article (' = Title = ')",
+    )
     p.add_argument("--max-docs", *former, type=int, help="use only the first N documents")
 
 
 def add_classifier_data(p):
     "--max-len and --truncate: how texts become classifier inputs (train-clf and lr-find)."
-    p.add_argument("--max-len", type=int, help="tokens per text (default 256; memory encoders: up to 2048, whole "
-                   "reviews read segment by segment)")
-    p.add_argument("--truncate", default="head", choices=["head", "head+tail"],
-                   help="keep the start of long texts, or the start and the end")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        help="tokens per text (default 256; memory encoders: up to 2048, whole reviews read segment by segment)",
+    )
+    p.add_argument(
+        "--truncate",
+        default="head",
+        choices=["head", "head+tail"],
+        help="keep the start of long texts, or the start and the end",
+    )
+
+
+def classifier_data(a: argparse.Namespace):
+    "The classifier DataLoaders the data options describe; sets `a.max_len` to the model's default when not given."
+    from ..data import clas_dataloaders
+    from ..models import default_clf_max_len
+
+    a.max_len = a.max_len or default_clf_max_len(a.model)
+    return clas_dataloaders(
+        a.data,
+        a.model,
+        a.text_col,
+        a.label_col,
+        a.valid_col,
+        seed=a.seed,
+        max_len=a.max_len,
+        truncate=a.truncate,
+        bs=a.bs,
+        cache=a.cache,
+    )
 
 
 def add_output(p: argparse.ArgumentParser):
@@ -56,30 +106,60 @@ def add_checkpoint(p: argparse.ArgumentParser):
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoint when the run finishes")
 
 
-def add_training(p: argparse.ArgumentParser, bs: int = 16, lr: float | None = None, epochs: int = 1,
-                 lr_help: str | None = None, epochs_help: str = "epochs", fit: bool = True):
+def add_training(
+    p: argparse.ArgumentParser,
+    bs: int = 16,
+    lr: float | None = None,
+    epochs: int = 1,
+    lr_help: str | None = None,
+    epochs_help: str = "epochs",
+    fit: bool = True,
+):
     "--bs, --seed and --precision; with `fit` also --lr and --epochs."
     p.add_argument("--bs", type=int, default=bs, help="batch size")
     if fit:
         p.add_argument("--lr", type=float, default=lr, help=lr_help)
         p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     p.add_argument("--seed", type=int, default=42, help="random seed (splits, masking, initialisation)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: bf16 mixed precision on a GPU that has it (else fp16) and on a CPU with AMX or "
-                        "AVX512-BF16, else fp32")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: bf16 mixed precision on a GPU that has it (else fp16) and on a CPU with AMX or "
+        "AVX512-BF16, else fp32",
+    )
 
 
-NUMERIC = ("max_len", "bs", "epochs", "lr", "max_docs", "vocab_size", "layers", "hidden", "heads", "top_k", "div",
-           "checkpoint_steps", "encoder_div", "evidence", "reindex_every", "retrieval_layer", "self_layers",
-           "cross_layers")
+NUMERIC = (
+    "max_len",
+    "bs",
+    "epochs",
+    "lr",
+    "max_docs",
+    "vocab_size",
+    "layers",
+    "hidden",
+    "heads",
+    "top_k",
+    "div",
+    "checkpoint_steps",
+    "encoder_div",
+    "evidence",
+    "reindex_every",
+    "retrieval_layer",
+    "self_layers",
+    "cross_layers",
+)
 
 
 def check_args(a: argparse.Namespace):
     "Refuse numeric options out of range and data paths that do not exist, before any work starts."
     from ..errors import UlmfitError, check_positive
+
     for name in ("data", "valid"):
         path = getattr(a, name, None)
-        if path is not None and not Path(path).exists(): raise UlmfitError(f"{path}: no such file or folder (--{name})")
+        if path is not None and not Path(path).exists():
+            raise UlmfitError(f"{path}: no such file or folder (--{name})")
     check_positive(**{n: getattr(a, n) for n in NUMERIC if hasattr(a, n)})
 
 
@@ -94,5 +174,6 @@ def settings_of(a: argparse.Namespace) -> dict:
 def start_run(a: argparse.Namespace):
     "Check the options, then set up the `Run` that writes --out (checkpoint, resume, seed)."
     from ..run import Run
+
     check_args(a)
     return Run(a.out, a.force, a.resume, a.checkpoint_steps, a.keep_checkpoints, settings_of(a), a.seed)

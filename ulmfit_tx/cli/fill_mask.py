@@ -1,4 +1,5 @@
 "`ulmfit-tx fill-mask`: the top-k tokens for every mask token in a sentence."
+
 from ._options import add_model
 
 HELP = "top-k tokens for every [MASK] or <mask> in a sentence"
@@ -14,6 +15,7 @@ def run(a) -> list:
     from ..mlm import fill_mask
     from ..models import masked_lm_model
     from ..tokenize import HFTokenizer
+
     tfm = HFTokenizer(a.model)
     res = fill_mask(masked_lm_model(a.model, tfm.tok), tfm, a.text, a.top_k)
     for i, cands in enumerate(res, 1):

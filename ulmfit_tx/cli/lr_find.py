@@ -1,5 +1,6 @@
 "`ulmfit-tx lr-find`: fastai's learning-rate finder on a classifier or MLM learner, with its plot."
-from ._options import add_classifier_data, add_data, add_model, add_output, add_training, check_args
+
+from ._options import add_classifier_data, add_data, add_model, add_output, add_training, check_args, classifier_data
 
 HELP = "fastai's learning-rate finder: suggestions and a PNG plot"
 
@@ -19,21 +20,20 @@ def run(a) -> dict:
     from ..io import atomic_dir, check_out_dir
     from ..plots import plot_lr_find
     from ..run import write_json
+
     check_args(a)
     check_out_dir(a.out, a.force)
     set_seed(a.seed, reproducible=True)
     if a.task == "mlm":
         from ..learner import mlm_learner
         from ..mlm import mlm_dataloaders
+
         dls = mlm_dataloaders(a.data, a.model, a.text_col, a.max_len or 128, bs=a.bs, seed=a.seed, cache=a.cache)
         learn = mlm_learner(dls, a.model, precision=a.precision)
     else:
-        from ..data import clas_dataloaders
         from ..learner import classifier_learner
-        from ..models import default_clf_max_len
-        dls = clas_dataloaders(a.data, a.model, a.text_col, a.label_col, a.valid_col, seed=a.seed, bs=a.bs,
-                               max_len=a.max_len or default_clf_max_len(a.model), truncate=a.truncate, cache=a.cache)
-        learn = classifier_learner(dls, a.model, precision=a.precision)
+
+        learn = classifier_learner(classifier_data(a), a.model, precision=a.precision)
     with atomic_dir(a.out, a.force) as tmp:
         sugg = plot_lr_find(learn, tmp / "lr_find.png")
         write_json(tmp / "lr_find.json", sugg)

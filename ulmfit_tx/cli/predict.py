@@ -1,4 +1,5 @@
 "`ulmfit-tx predict`: labels and class probabilities from a classifier bundle (or its ONNX graph)."
+
 from pathlib import Path
 
 from ._options import add_model
@@ -7,12 +8,23 @@ HELP = "labels and probabilities from an exported classifier"
 
 
 def add_arguments(p):
-    add_model(p, "folder written by train-clf (a bundle: config, safetensors, tokenizer, ulmfit_tx.json), or "
-                 "learn.export_bundle")
-    p.add_argument("--trust-pickle", action="store_true", help="load a folder's export.pkl when it has no bundle: a "
-                   "pickle runs any code its author put in it, so only for files you made or trust")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch: the bundle's weights; onnx: its ONNX graph on ONNX Runtime (written by export-onnx)")
+    add_model(
+        p,
+        "folder written by train-clf (a bundle: config, safetensors, tokenizer, ulmfit_tx.json), or "
+        "learn.export_bundle",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a folder's export.pkl when it has no bundle: a "
+        "pickle runs any code its author put in it, so only for files you made or trust",
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="torch: the bundle's weights; onnx: its ONNX graph on ONNX Runtime (written by export-onnx)",
+    )
     p.add_argument("--int8", action="store_true", help="onnx: the int8 graph (model.int8.onnx, export-onnx --int8)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV/parquet file of texts, or a token store made with the model's tokenizer")
@@ -27,6 +39,7 @@ def load(folder, trust_pickle: bool = False, backend: str = "torch", int8: bool 
     export.pkl through fastai's `load_learner`."""
     from ..export import is_bundle
     from ..learner import load_classifier
+
     pkl = Path(folder) / "export.pkl"
     if is_bundle(folder) or backend != "torch" or not (trust_pickle and pkl.is_file()):
         return load_classifier(folder, backend=backend, int8=int8)
@@ -35,11 +48,13 @@ def load(folder, trust_pickle: bool = False, backend: str = "torch", int8: bool 
     from fastai.learner import load_learner
 
     from ..errors import UlmfitError
+
     try:
         with warnings.catch_warnings():  # fastai warns that pickles run code: the user said they trust this one
             warnings.simplefilter("ignore")
             return load_learner(pkl)
-    except Exception as e: raise UlmfitError(f"{pkl}: cannot be loaded ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise UlmfitError(f"{pkl}: cannot be loaded ({type(e).__name__}: {e})") from None
 
 
 def run(a):
@@ -52,6 +67,7 @@ def run(a):
     from ..errors import check_texts
     from ..io import read_data
     from ..store import TokenStore, is_store
+
     if is_store(a.data):  # a token store made with the model's tokenizer: one row per document, in order
         res = learn.predict_texts(TokenStore(a.data), bs=a.bs)
         first = ("doc", range(len(res)))
@@ -66,6 +82,7 @@ def run(a):
     import csv
 
     from ..io import atomic_file
+
     res.insert(0, *first)
     with atomic_file(a.out) as tmp:
         # every text quoted: pandas leaves a field ending in a lone \r unquoted, which readers split into two rows

@@ -1,4 +1,5 @@
 "`ulmfit-tx tokenize`: a corpus as a token store (memory-mapped ids, offsets, labels) that every verb reads."
+
 from ._options import add_data, add_docs, add_model, add_output, check_args
 
 HELP = "tokenize a corpus into a token store (memory-mapped ids, offsets, labels)"
@@ -16,11 +17,25 @@ def add_arguments(p):
 def run(a):
     from ..store import build_store
     from ..tokenize import HFTokenizer
+
     check_args(a)
     tfm = HFTokenizer(a.model)
-    store = build_store(a.data, tfm, a.out, a.text_col, a.label_col, a.valid_col, a.docs, tfm.tok.unk_token,
-                        max_docs=a.max_docs, force=a.force)
+    store = build_store(
+        a.data,
+        tfm,
+        a.out,
+        a.text_col,
+        a.label_col,
+        a.valid_col,
+        a.docs,
+        tfm.tok.unk_token,
+        max_docs=a.max_docs,
+        force=a.force,
+    )
     m = store.meta
-    print(f"token store: {m['n_docs']:,} documents, {m['n_tokens']:,} tokens ({m['dtype']})"
-          + (f", classes {m['classes']}" if m["classes"] else "") + f" in {m['seconds']:.1f}s -> {a.out}")
+    print(
+        f"token store: {m['n_docs']:,} documents, {m['n_tokens']:,} tokens ({m['dtype']})"
+        + (f", classes {m['classes']}" if m["classes"] else "")
+        + f" in {m['seconds']:.1f}s -> {a.out}"
+    )
     return store

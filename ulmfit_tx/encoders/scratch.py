@@ -2,14 +2,22 @@
 RMSNorm, learned positional embeddings, an RMSNorm on the embeddings (without it the small embeddings
 that a tied decoder needs are swamped by the blocks' outputs, and MLM training from nothing starts
 slower), padding masked in attention, torch's `scaled_dot_product_attention`, and a weight-tied MLM head."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..kernels import Dropout
-from .common import (Block, EncoderConfig, EncoderOutput, EncoderPreTrainedModel, MaskedLMMixin,
-                     SequenceClassificationMixin, attention_keep)
+from .common import (
+    Block,
+    EncoderConfig,
+    EncoderOutput,
+    EncoderPreTrainedModel,
+    MaskedLMMixin,
+    SequenceClassificationMixin,
+    attention_keep,
+)
 
 __all__ = ["ScratchConfig", "ScratchModel", "ScratchForMaskedLM", "ScratchForSequenceClassification"]
 
@@ -32,16 +40,20 @@ class ScratchModel(EncoderPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self): return self.embed
-    def set_input_embeddings(self, new): self.embed = new
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, new):
+        self.embed = new
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> EncoderOutput:
         B, L = input_ids.shape
-        keep = attention_keep(input_ids, attention_mask)                 # (B, L) True at real tokens
+        keep = attention_keep(input_ids, attention_mask)  # (B, L) True at real tokens
         x = self.embed(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (B, L, D)
         x = self.drop(self.embed_norm(x))
-        mask = keep[:, None, None, :]                                     # (B, 1, 1, L) keys to attend
-        for layer in self.layers: x = layer(x, mask)                      # (B, L, D)
+        mask = keep[:, None, None, :]  # (B, 1, 1, L) keys to attend
+        for layer in self.layers:
+            x = layer(x, mask)  # (B, L, D)
         return EncoderOutput(last_hidden_state=self.norm(x))
 
 
