@@ -254,8 +254,7 @@ def main():
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="of the MLM stage and the classifier (default fp32, as the runs in bench/README.md before "
-        "this option; bf16 pays on a GPU or a CPU with AMX or AVX512-BF16)",
+        help="of the MLM stage and the classifier (bf16 pays on a GPU or a CPU with AMX or AVX512-BF16)",
     )
     ap.add_argument(
         "--seed", type=int, default=0, help="seed of the labelled sample, the test subset and the MLM stage"

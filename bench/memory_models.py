@@ -290,6 +290,7 @@ def _imdb_case(a, arch: str):
     from transformers import AutoModel
 
     import ulmfit_tx
+    from ulmfit_tx.batching import cached_lengths
     from ulmfit_tx.pretrain import new_config
     from ulmfit_tx.train_tokenizer import train_tokenizer
 
@@ -310,7 +311,7 @@ def _imdb_case(a, arch: str):
     learn.fit_one_cycle(a.epochs, a.lr)
     seconds = time.perf_counter() - t0
     acc = float(learn.validate()[1])
-    n_tokens = int(sum(ulmfit_tx.data.cached_lengths(dls.train_ds)))  # tokens of each review read, at most max_len
+    n_tokens = int(sum(cached_lengths(dls.train_ds)))  # tokens of each review read, at most max_len
     (Path(a.work) / f"imdb_{arch}.json").write_text(
         json.dumps(
             {"accuracy": acc, "train_s": seconds, "max_len": max_len, "mean_tokens_read": n_tokens / len(train)}
