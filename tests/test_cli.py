@@ -523,7 +523,8 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(clf_dir):
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
 
 
-def test_finetune_lm_says_when_the_checkpoint_has_no_mlm_head(tiny_models, lm_dir, csv, tmp_path, capsys):
+def test_finetune_lm_mlm_says_when_the_checkpoint_has_no_mlm_head(tiny_models, lm_dir, csv, tmp_path, capsys):
+    "Asked for the MLM objective (auto would pick the contrastive one for such a checkpoint: test_adapt.py)."
     from transformers import AutoModel, AutoTokenizer
 
     enc = tmp_path / "encoder_only"  # an encoder saved without its MLM head, as sentence-embedding models are
@@ -534,6 +535,8 @@ def test_finetune_lm_says_when_the_checkpoint_has_no_mlm_head(tiny_models, lm_di
         main(
             [
                 "finetune-lm",
+                "--objective",
+                "mlm",
                 "--model",
                 str(enc),
                 "--data",

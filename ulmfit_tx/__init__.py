@@ -5,6 +5,7 @@ from . import (
     show,  # noqa: F401 (registers show_results for text)
 )
 from ._version import __version__
+from .adapt import SimCSELoss, TextView, ViewAccuracy, contrastive_dataloaders
 from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, marge_splitter, max_positions, register_arch
 from .batching import PadTokens, TokenSortedDL
 from .checkpoint import CheckpointCallback, Interrupted, Position
@@ -15,9 +16,11 @@ from .export import export_bundle, is_bundle, read_bundle
 from .io import iter_chunks, iter_corpus, read_corpus, read_data, read_folder, read_table
 from .learner import (
     ClassifierLearner,
+    ContrastiveLearner,
     MargeLearner,
     MLMLearner,
     classifier_learner,
+    contrastive_learner,
     load_classifier,
     marge_learner,
     mlm_learner,
@@ -35,12 +38,15 @@ from .mlm import (
     mlm_loss,
 )
 from .models import (
+    ContrastiveEncoder,
     MargeLM,
     MaskedLM,
     MemoryMaskedLM,
     PoolingClassifierHead,
     SequenceClassifier,
     classifier_model,
+    contrastive_model,
+    has_mlm_head,
     marge_model,
     masked_lm_model,
 )

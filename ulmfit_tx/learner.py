@@ -22,6 +22,7 @@ from fastcore.basics import noop
 from fastcore.foundation import L
 from torch import nn
 
+from .adapt import SimCSELoss, ViewAccuracy
 from .archs import clas_splitter, lm_splitter, marge_splitter, max_positions
 from .batching import PadTokens, TokenSortedDL, pad_batch
 from .distributed import ShardedTrainer, is_rank0
@@ -31,7 +32,16 @@ from .export import export_bundle, export_onnx, read_bundle, read_onnx, write_hf
 from .io import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
-from .models import MargeLM, MaskedLM, SequenceClassifier, classifier_model, marge_model, masked_lm_model
+from .models import (
+    ContrastiveEncoder,
+    MargeLM,
+    MaskedLM,
+    SequenceClassifier,
+    classifier_model,
+    contrastive_model,
+    marge_model,
+    masked_lm_model,
+)
 from .optimizer import FusedAdamW
 from .precision import MixedPrecision, set_precision
 from .retrieval import Beta, Reindexer
@@ -44,9 +54,11 @@ __all__ = [
     "MLMLearner",
     "ClassifierLearner",
     "MargeLearner",
+    "ContrastiveLearner",
     "mlm_learner",
     "classifier_learner",
     "marge_learner",
+    "contrastive_learner",
     "load_classifier",
 ]
 
@@ -195,6 +207,11 @@ class MargeLearner(HFLearner):
     def save_marge(self, path, force: bool = False) -> Path:
         "The whole Marge model (encoder, decoder, beta) and the tokenizer, to continue training with `marge_learner`."
         return self.save_pretrained(path, force, self.model.hf)
+
+
+class ContrastiveLearner(HFLearner):
+    """Learner for contrastive adaptation (`contrastive_learner`): `save_pretrained` writes the adapted encoder as a
+    Hugging Face folder that `classifier_learner` and `train-clf` read."""
 
 
 def load_classifier(
@@ -355,6 +372,41 @@ def marge_learner(
         wd_bn_bias=False,
         train_bn=False,
         cbs=L(cbs) + [Reindexer(reindex_every, progress=progress)],
+        **kwargs,
+    )
+    return set_precision(learn, precision)
+
+
+def contrastive_learner(
+    dls,  # DataLoaders from `contrastive_dataloaders`
+    model,  # Model folder, hub name, Hugging Face model, or `ContrastiveEncoder`
+    temperature: float = 0.05,  # Softmax temperature of the InfoNCE loss (SimCSE's 0.05)
+    pooling: str = "mean",  # Text embedding: "mean" of the token states (sentence-transformers') or "cls"
+    precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
+    splitter=clas_splitter,  # Parameter groups: embeddings, then each layer
+    metrics=None,  # Default: `ViewAccuracy`
+    opt_func=FusedAdamW,  # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
+    wd: float = 0.01,  # AdamW weight decay (never on biases and norm weights)
+    cbs=None,  # fastai callbacks
+    **kwargs,  # Passed to `Learner`
+) -> ContrastiveLearner:
+    """A fastai Learner that adapts a (sentence-embedding) encoder to the texts of `dls` with SimCSE's unsupervised
+    contrastive objective: `fit_one_cycle`, then `save_pretrained` for the classifier stage."""
+    tfm = find_tokenizer(dls)
+    if not isinstance(model, ContrastiveEncoder):
+        model = contrastive_model(model, tfm.tok, pooling)
+    _check_len(tfm, model)
+    learn = ContrastiveLearner(
+        dls,
+        model,
+        loss_func=SimCSELoss(temperature),
+        opt_func=opt_func,
+        splitter=splitter,
+        metrics=[ViewAccuracy()] if metrics is None else metrics,
+        wd=wd,
+        wd_bn_bias=False,
+        train_bn=False,
+        cbs=cbs,
         **kwargs,
     )
     return set_precision(learn, precision)

@@ -33,6 +33,7 @@ __all__ = [
     "MaskedLM",
     "MemoryMaskedLM",
     "MargeLM",
+    "ContrastiveEncoder",
     "PoolingClassifierHead",
     "PoolingClassifierConfig",
     "PoolingForSequenceClassification",
@@ -40,7 +41,9 @@ __all__ = [
     "masked_lm_model",
     "classifier_model",
     "marge_model",
+    "contrastive_model",
     "load_config",
+    "has_mlm_head",
     "default_clf_max_len",
 ]
 
@@ -150,6 +153,41 @@ class MemoryMaskedLM(MaskedLM):
             self.memories = None
         elif rows.any():
             self.memories = self.hf.base_model.reset_memories(self.memories, rows.to(self.memories.mem_mask.device))
+
+
+class ContrastiveEncoder(PortableHF):
+    """An encoder that embeds each text twice with different dropout masks, SimCSE's two views: ids (B, L) -> (2B, D),
+    rows i and B + i the views of text i. Dropout is the augmentation, so it stays on in validation too (the held-out
+    loss measures the task the training loss does)."""
+
+    def __init__(
+        self,
+        hf: PreTrainedModel,  # A base model (`AutoModel`)
+        pad_id: int,  # The tokenizer's padding id: attention is masked there
+        pooling: str = "mean",  # "mean": masked mean of the token states (sentence-transformers'); "cls": first token
+    ):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise UlmfitError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
+        self.hf, self.pad_id, self.pooling = use_fast_kernels(hf), pad_id, pooling
+        self.hf_kwargs = _base_kwargs(hf.config.model_type)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        "One embedding per text: ids (B, L) -> (B, D), with the encoder in whatever mode it is."
+        mask = ids != self.pad_id  # (B, L) True at real tokens
+        h = self._call(self.hf, ids, mask).last_hidden_state  # (B, L, D)
+        if self.pooling == "cls":
+            return h[:, 0]  # (B, D)
+        m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        was_training = self.hf.training
+        self.hf.train()  # the dropout masks make the views
+        try:
+            return self.embed(torch.cat([ids, ids]))  # (2B, D): one forward, two masks per text
+        finally:
+            self.hf.train(was_training)
 
 
 class MargeLM(PortableHF):
@@ -346,6 +384,17 @@ def marge_model(
     return MargeLM(hf)
 
 
+def contrastive_model(src, tok, pooling: str = "mean") -> ContrastiveEncoder:
+    "A `ContrastiveEncoder` around the base model of a model folder, hub name or model (any head is dropped)."
+    hf = load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
+    if hf.config.model_type in MEMORY_MODEL_TYPES:
+        raise UlmfitError(
+            f"{src}: memory encoders read texts segment by segment; contrastive adaptation needs one pass"
+        )
+    _check_vocab(hf, tok, src)
+    return ContrastiveEncoder(hf, tok.pad_token_id, pooling)
+
+
 def load_config(src):
     "The config of a model folder or hub name (or model), without loading weights."
     if isinstance(src, PreTrainedModel):
@@ -362,3 +411,11 @@ def default_clf_max_len(model) -> int:
     "Classifier tokens per text: 256, or up to 2048 for memory encoders (they read long texts segment by segment)."
     config = load_config(model)
     return min(2048, config.max_position_embeddings) if config.model_type in MEMORY_MODEL_TYPES else 256
+
+
+def has_mlm_head(src) -> bool:
+    """Whether the checkpoint `src` was saved with a masked-LM head, by its config's `architectures` (`...ForMaskedLM`,
+    `...ForPreTraining`); a sentence-embedding model or an encoder saved alone (`BertModel`) has none. A config
+    that does not say is taken to have one."""
+    archs = getattr(load_config(src), "architectures", None)
+    return not archs or any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)

@@ -149,6 +149,7 @@ NUMERIC = (
     "retrieval_layer",
     "self_layers",
     "cross_layers",
+    "temperature",
 )
 
 
