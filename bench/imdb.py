@@ -90,7 +90,7 @@ def simcse(a, model: str, texts: list[str], out: Path) -> dict:
     from ulmfit_tx import contrastive_dataloaders, contrastive_learner
 
     dls = contrastive_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.lm_bs, valid_pct=0.02, seed=a.seed)
-    learn = contrastive_learner(dls, model, a.lm_temperature, precision=a.precision)
+    learn = contrastive_learner(dls, model, a.lm_temperature, deletion=a.lm_deletion, precision=a.precision)
     t0 = time.time()
     learn.fit_one_cycle(a.lm_epochs, a.lm_lr)
     loss, acc = learn.validate()
@@ -236,6 +236,9 @@ def main():
     ap.add_argument("--lm-objective", default="mlm", choices=["mlm", "simcse"], help="stage 2: masked LM or SimCSE")
     ap.add_argument("--lm-temperature", type=float, default=0.05, help="simcse: temperature of the loss")
     ap.add_argument("--lm-bs", type=int, default=32, help="simcse: texts per batch (in-batch negatives)")
+    ap.add_argument(
+        "--lm-deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out"
+    )
     ap.add_argument("--lm-max-len", type=int, default=128)
     ap.add_argument(
         "--lm-warmup-epochs",
@@ -326,6 +329,7 @@ def main():
     )
     if a.lm_objective == "simcse":
         recipe = f"simcse_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_t{a.lm_temperature}_bs{a.lm_bs}_seed{a.seed}"
+        recipe += f"_del{a.lm_deletion}" if a.lm_deletion else ""
     if a.model:
         recipe = f"{Path(a.model).name}_{recipe}"  # MLM stages of another encoder
     amp = {} if a.precision == "fp32" else {"precision": a.precision}  # (the runs cached before the option were fp32)

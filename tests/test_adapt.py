@@ -76,3 +76,20 @@ def test_finetune_lm_picks_the_objective_by_the_checkpoint(tiny_models, encoder_
     simcse = ["finetune-lm", "--objective", "simcse", "--out", str(tmp_path / "x"), *common]
     assert main([*simcse, "--model", str(encoder_only), "--temperature", "0"]) == 2  # refused before any work
     assert not (tmp_path / "x").exists()
+
+
+def test_deletion_leaves_tokens_out_of_the_second_view_only(encoder_only, small_df):
+    dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, bs=8, seed=0)
+    learn = contrastive_learner(dls, encoder_only, deletion=0.5, precision="fp32")
+    ids, _ = dls.one_batch()
+    seen = []
+    learn.model.embed = lambda ids, mask: seen.append((ids, mask)) or torch.zeros(len(ids), 4)
+    learn.model(ids)
+    both, mask = seen[0]
+    real = ids != learn.model.pad_id
+    special = torch.isin(ids, learn.model.special_ids)
+    assert torch.equal(both, torch.cat([ids, ids])) and torch.equal(mask[:8], real)  # the first views read all
+    kept = mask[8:][real].float().mean()
+    assert 0.3 < kept < 0.7 and mask[8:][special & real].all() and not mask[8:][~real].any()
+    with pytest.raises(UlmfitError, match="deletion must be in"):
+        contrastive_learner(dls, encoder_only, deletion=1.0)

@@ -157,24 +157,30 @@ class MemoryMaskedLM(MaskedLM):
 
 class ContrastiveEncoder(PortableHF):
     """An encoder that embeds each text twice with different dropout masks, SimCSE's two views: ids (B, L) -> (2B, D),
-    rows i and B + i the views of text i. Dropout is the augmentation, so it stays on in validation too (the held-out
-    loss measures the task the training loss does)."""
+    rows i and B + i the views of text i. With `deletion`, the second view also leaves out that share of the text's
+    tokens (special tokens kept), a stronger augmentation for long texts, whose two dropout views are otherwise
+    matched without effort. The augmentations stay on in validation (the held-out loss measures the training task)."""
 
     def __init__(
         self,
         hf: PreTrainedModel,  # A base model (`AutoModel`)
         pad_id: int,  # The tokenizer's padding id: attention is masked there
         pooling: str = "mean",  # "mean": masked mean of the token states (sentence-transformers'); "cls": first token
+        deletion: float = 0.0,  # Share of the tokens the second view leaves out (0: dropout alone, as SimCSE)
+        special_ids: list[int] | None = None,  # Token ids never left out ([CLS], [SEP], ...)
     ):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise UlmfitError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
-        self.hf, self.pad_id, self.pooling = use_fast_kernels(hf), pad_id, pooling
+        if not 0 <= deletion < 1:
+            raise UlmfitError(f"deletion must be in [0, 1), not {deletion}")
+        self.hf, self.pad_id, self.pooling, self.deletion = use_fast_kernels(hf), pad_id, pooling, deletion
+        self.register_buffer("special_ids", torch.tensor(special_ids or [], dtype=torch.long), persistent=False)
         self.hf_kwargs = _base_kwargs(hf.config.model_type)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        "One embedding per text: ids (B, L) -> (B, D), with the encoder in whatever mode it is."
-        mask = ids != self.pad_id  # (B, L) True at real tokens
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        "One embedding per text: ids (B, L), tokens to read (default: all but padding) -> (B, D)."
+        mask = ids != self.pad_id if mask is None else mask  # (B, L) True at the tokens read
         h = self._call(self.hf, ids, mask).last_hidden_state  # (B, L, D)
         if self.pooling == "cls":
             return h[:, 0]  # (B, D)
@@ -185,7 +191,11 @@ class ContrastiveEncoder(PortableHF):
         was_training = self.hf.training
         self.hf.train()  # the dropout masks make the views
         try:
-            return self.embed(torch.cat([ids, ids]))  # (2B, D): one forward, two masks per text
+            mask = torch.cat([ids, ids]) != self.pad_id  # (2B, L)
+            if self.deletion:
+                drop = torch.rand(ids.shape, device=ids.device) < self.deletion  # (B, L)
+                mask[len(ids) :] &= ~drop | torch.isin(ids, self.special_ids)  # the second views read fewer tokens
+            return self.embed(torch.cat([ids, ids]), mask)  # (2B, D): one forward, two dropout masks per text
         finally:
             self.hf.train(was_training)
 
@@ -384,7 +394,7 @@ def marge_model(
     return MargeLM(hf)
 
 
-def contrastive_model(src, tok, pooling: str = "mean") -> ContrastiveEncoder:
+def contrastive_model(src, tok, pooling: str = "mean", deletion: float = 0.0) -> ContrastiveEncoder:
     "A `ContrastiveEncoder` around the base model of a model folder, hub name or model (any head is dropped)."
     hf = load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     if hf.config.model_type in MEMORY_MODEL_TYPES:
@@ -392,7 +402,7 @@ def contrastive_model(src, tok, pooling: str = "mean") -> ContrastiveEncoder:
             f"{src}: memory encoders read texts segment by segment; contrastive adaptation needs one pass"
         )
     _check_vocab(hf, tok, src)
-    return ContrastiveEncoder(hf, tok.pad_token_id, pooling)
+    return ContrastiveEncoder(hf, tok.pad_token_id, pooling, deletion, tok.all_special_ids)
 
 
 def load_config(src):

@@ -30,6 +30,7 @@ def add_arguments(p):
     p.add_argument("--valid-pct", type=float, default=0.1, help="share of texts held out for the metrics")
     p.add_argument("--valid", help="held-out texts for the metrics instead (same forms as --data)")
     p.add_argument("--temperature", type=float, default=0.05, help="simcse: temperature of the contrastive loss")
+    p.add_argument("--deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out")
     p.add_argument("--warmup-epochs", type=int, default=1, help="mlm: epochs of the MLM head alone first (0: none)")
     p.add_argument("--warmup-lr", type=float, help="mlm: learning rate of those epochs (default 10 x --lr)")
     p.add_argument("--div", type=float, help="mlm: then each layer this factor slower than the one above (e.g. 2.6)")
@@ -58,7 +59,13 @@ def run(a) -> dict:
     learn, stages, msg, names = (simcse if a.objective == "simcse" else mlm)(a, run, tfm, store, valid)
     values = dict(zip(names, run.fit(learn, stages)))
     samples = sum(st.epochs for st in stages) * len(learn.dls.train_ds)
-    keep = ("objective", "epochs", "lr", "max_len", *(("temperature",) if a.objective == "simcse" else MLM_KEPT))
+    keep = (
+        "objective",
+        "epochs",
+        "lr",
+        "max_len",
+        *(("temperature", "deletion") if a.objective == "simcse" else MLM_KEPT),
+    )
     metrics = {
         **values,
         **{k: getattr(a, k) for k in keep},
@@ -106,6 +113,6 @@ def simcse(a, run, tfm, store, valid):
     dls = contrastive_dataloaders(
         store, tfm.tok, max_len=a.max_len, valid_pct=a.valid_pct, valid_texts=valid, bs=a.bs, seed=a.seed
     )
-    learn = contrastive_learner(dls, a.model, a.temperature, precision=a.precision, cbs=run.cbs)
+    learn = contrastive_learner(dls, a.model, a.temperature, deletion=a.deletion, precision=a.precision, cbs=run.cbs)
     msg = "contrastive (SimCSE) adaptation: held-out loss {contrastive_loss:.4f}, view accuracy {view_accuracy:.4f}"
     return learn, [Stage(None, a.epochs, a.lr)], msg, ("contrastive_loss", "view_accuracy")
