@@ -26,7 +26,7 @@ from _common import out_dir, write_results
 TFIDF, NO_LM, ULMFIT = (
     "TF-IDF + logistic regression",
     "classifier alone (no LM fine-tuning)",
-    "MLM fine-tuned, then classifier (ULMFiT)",
+    "stage 2, then classifier (ULMFiT)",
 )
 
 
@@ -90,7 +90,9 @@ def simcse(a, model: str, texts: list[str], out: Path) -> dict:
     from ulmfit_tx import contrastive_dataloaders, contrastive_learner
 
     dls = contrastive_dataloaders(texts, model, max_len=a.lm_max_len, bs=a.lm_bs, valid_pct=0.02, seed=a.seed)
-    learn = contrastive_learner(dls, model, a.lm_temperature, deletion=a.lm_deletion, precision=a.precision)
+    learn = contrastive_learner(
+        dls, model, a.lm_temperature, deletion=a.lm_deletion, halves=a.lm_halves, precision=a.precision
+    )
     t0 = time.time()
     learn.fit_one_cycle(a.lm_epochs, a.lm_lr)
     loss, acc = learn.validate()
@@ -187,8 +189,8 @@ def summary_table(rows: list[dict], lm_minutes: dict, probes: dict) -> str:
     """Per budget: TF-IDF, (a) and (b) means over the seeds, the paired gain of (b) over (a) in points, and the linear
     probe of each encoder."""
     out = [
-        "| labels | seeds | TF-IDF | (a) classifier alone | (b) MLM + classifier | gain (b)-(a), points: mean +- SE "
-        "[95% CI] | pairs | MLM minutes | linear probe (a) / (b) |",
+        "| labels | seeds | TF-IDF | (a) classifier alone | (b) stage 2 + classifier | gain (b)-(a), points: "
+        "mean +- SE [95% CI] | pairs | stage 2 minutes | linear probe (a) / (b) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     df = pd.DataFrame(rows)
@@ -239,6 +241,7 @@ def main():
     ap.add_argument(
         "--lm-deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out"
     )
+    ap.add_argument("--lm-halves", action="store_true", help="simcse: the views are the two halves of each text")
     ap.add_argument("--lm-max-len", type=int, default=128)
     ap.add_argument(
         "--lm-warmup-epochs",
@@ -329,7 +332,7 @@ def main():
     )
     if a.lm_objective == "simcse":
         recipe = f"simcse_{a.lm_epochs}ep_{a.lm_max_len}tok_{a.lm_lr}_t{a.lm_temperature}_bs{a.lm_bs}_seed{a.seed}"
-        recipe += f"_del{a.lm_deletion}" if a.lm_deletion else ""
+        recipe += (f"_del{a.lm_deletion}" if a.lm_deletion else "") + ("_halves" if a.lm_halves else "")
     if a.model:
         recipe = f"{Path(a.model).name}_{recipe}"  # MLM stages of another encoder
     amp = {} if a.precision == "fp32" else {"precision": a.precision}  # (the runs cached before the option were fp32)
@@ -350,7 +353,7 @@ def main():
                 pool.iloc[: a.lm_texts or len(pool)].tolist(),
             )
         lms[n] = lm_finetune(a, base, texts, lm_dir)  # cached in lm_dir
-        print(f"MLM fine-tuning ({n} labels): {json.dumps(lms[n])}", flush=True)
+        print(f"stage 2 ({n} labels): {json.dumps(lms[n])}", flush=True)
         runs = out / "work" / "imdb_clf_runs.json"  # classifier runs and probes, kept and reused
         probes[n] = {
             m: cached(

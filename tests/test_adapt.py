@@ -78,18 +78,31 @@ def test_finetune_lm_picks_the_objective_by_the_checkpoint(tiny_models, encoder_
     assert not (tmp_path / "x").exists()
 
 
+def _views(learn, ids):
+    "The token masks (2B, L) the model's two views read for `ids`, caught at `embed`; and the real and special tokens."
+    seen = []
+    learn.model.embed = lambda both, mask: seen.append(mask) or torch.zeros(len(both), 4)
+    learn.model(ids)
+    return seen[0], ids != learn.model.pad_id, torch.isin(ids, learn.model.special_ids)
+
+
 def test_deletion_leaves_tokens_out_of_the_second_view_only(encoder_only, small_df):
     dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, bs=8, seed=0)
     learn = contrastive_learner(dls, encoder_only, deletion=0.5, precision="fp32")
     ids, _ = dls.one_batch()
-    seen = []
-    learn.model.embed = lambda ids, mask: seen.append((ids, mask)) or torch.zeros(len(ids), 4)
-    learn.model(ids)
-    both, mask = seen[0]
-    real = ids != learn.model.pad_id
-    special = torch.isin(ids, learn.model.special_ids)
-    assert torch.equal(both, torch.cat([ids, ids])) and torch.equal(mask[:8], real)  # the first views read all
+    mask, real, special = _views(learn, ids)
+    assert torch.equal(mask[:8], real)  # the first views read every token
     kept = mask[8:][real].float().mean()
     assert 0.3 < kept < 0.7 and mask[8:][special & real].all() and not mask[8:][~real].any()
     with pytest.raises(UlmfitError, match="deletion must be in"):
         contrastive_learner(dls, encoder_only, deletion=1.0)
+
+
+def test_halves_give_each_view_one_half_of_the_text(encoder_only, small_df):
+    dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, bs=8, seed=0)
+    ids, _ = dls.one_batch()
+    mask, real, special = _views(contrastive_learner(dls, encoder_only, halves=True, precision="fp32"), ids)
+    first, second = mask[:8], mask[8:]
+    assert torch.equal(first | second, real) and not (first & second & ~special).any()  # split, no token shared
+    sizes = (first & ~special).sum(1) - (second & ~special).sum(1)
+    assert sizes.abs().max() <= 2 and (first[:, 0] & second[:, 0]).all()  # even halves; both read [CLS]

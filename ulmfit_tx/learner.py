@@ -383,6 +383,7 @@ def contrastive_learner(
     temperature: float = 0.05,  # Softmax temperature of the InfoNCE loss (SimCSE's 0.05)
     pooling: str = "mean",  # Text embedding: "mean" of the token states (sentence-transformers') or "cls"
     deletion: float = 0.0,  # Share of the tokens the second view leaves out (0: dropout alone, as SimCSE)
+    halves: bool = False,  # The two views read the first and the second half of each text
     precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,  # Parameter groups: embeddings, then each layer
     metrics=None,  # Default: `ViewAccuracy`
@@ -395,7 +396,7 @@ def contrastive_learner(
     contrastive objective: `fit_one_cycle`, then `save_pretrained` for the classifier stage."""
     tfm = find_tokenizer(dls)
     if not isinstance(model, ContrastiveEncoder):
-        model = contrastive_model(model, tfm.tok, pooling, deletion)
+        model = contrastive_model(model, tfm.tok, pooling, deletion, halves)
     _check_len(tfm, model)
     learn = ContrastiveLearner(
         dls,

@@ -157,9 +157,11 @@ class MemoryMaskedLM(MaskedLM):
 
 class ContrastiveEncoder(PortableHF):
     """An encoder that embeds each text twice with different dropout masks, SimCSE's two views: ids (B, L) -> (2B, D),
-    rows i and B + i the views of text i. With `deletion`, the second view also leaves out that share of the text's
-    tokens (special tokens kept), a stronger augmentation for long texts, whose two dropout views are otherwise
-    matched without effort. The augmentations stay on in validation (the held-out loss measures the training task)."""
+    rows i and B + i the views of text i. Long texts' two dropout views are matched without effort, so two stronger
+    augmentations: with `deletion` the second view leaves out that share of the text's tokens; with `halves` the first
+    view reads the first half of the text and the second view the second half (they share its topic and tone, not
+    its tokens, as DeCLUTR's spans). Special tokens are always read. The augmentations stay on in validation (the
+    held-out loss measures the training task)."""
 
     def __init__(
         self,
@@ -168,13 +170,20 @@ class ContrastiveEncoder(PortableHF):
         pooling: str = "mean",  # "mean": masked mean of the token states (sentence-transformers'); "cls": first token
         deletion: float = 0.0,  # Share of the tokens the second view leaves out (0: dropout alone, as SimCSE)
         special_ids: list[int] | None = None,  # Token ids never left out ([CLS], [SEP], ...)
+        halves: bool = False,  # The views read the first and the second half of each text
     ):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise UlmfitError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
         if not 0 <= deletion < 1:
             raise UlmfitError(f"deletion must be in [0, 1), not {deletion}")
-        self.hf, self.pad_id, self.pooling, self.deletion = use_fast_kernels(hf), pad_id, pooling, deletion
+        self.hf, self.pad_id, self.pooling, self.deletion, self.halves = (
+            use_fast_kernels(hf),
+            pad_id,
+            pooling,
+            deletion,
+            halves,
+        )
         self.register_buffer("special_ids", torch.tensor(special_ids or [], dtype=torch.long), persistent=False)
         self.hf_kwargs = _base_kwargs(hf.config.model_type)
 
@@ -192,9 +201,15 @@ class ContrastiveEncoder(PortableHF):
         self.hf.train()  # the dropout masks make the views
         try:
             mask = torch.cat([ids, ids]) != self.pad_id  # (2B, L)
+            special = torch.isin(ids, self.special_ids)  # (B, L)
+            if self.halves:
+                real = ids != self.pad_id
+                first = real.cumsum(1) <= real.sum(1, keepdim=True) // 2  # (B, L) the first half of the real tokens
+                mask[: len(ids)] &= first | special
+                mask[len(ids) :] &= ~first | special
             if self.deletion:
                 drop = torch.rand(ids.shape, device=ids.device) < self.deletion  # (B, L)
-                mask[len(ids) :] &= ~drop | torch.isin(ids, self.special_ids)  # the second views read fewer tokens
+                mask[len(ids) :] &= ~drop | special  # the second views read fewer tokens
             return self.embed(torch.cat([ids, ids]), mask)  # (2B, D): one forward, two dropout masks per text
         finally:
             self.hf.train(was_training)
@@ -394,7 +409,9 @@ def marge_model(
     return MargeLM(hf)
 
 
-def contrastive_model(src, tok, pooling: str = "mean", deletion: float = 0.0) -> ContrastiveEncoder:
+def contrastive_model(
+    src, tok, pooling: str = "mean", deletion: float = 0.0, halves: bool = False
+) -> ContrastiveEncoder:
     "A `ContrastiveEncoder` around the base model of a model folder, hub name or model (any head is dropped)."
     hf = load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     if hf.config.model_type in MEMORY_MODEL_TYPES:
@@ -402,7 +419,7 @@ def contrastive_model(src, tok, pooling: str = "mean", deletion: float = 0.0) ->
             f"{src}: memory encoders read texts segment by segment; contrastive adaptation needs one pass"
         )
     _check_vocab(hf, tok, src)
-    return ContrastiveEncoder(hf, tok.pad_token_id, pooling, deletion, tok.all_special_ids)
+    return ContrastiveEncoder(hf, tok.pad_token_id, pooling, deletion, tok.all_special_ids, halves)
 
 
 def load_config(src):

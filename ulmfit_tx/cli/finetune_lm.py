@@ -6,10 +6,9 @@ from ._options import add_checkpoint, add_data, add_docs, add_model, add_output,
 HELP = "adapt an encoder to your texts: masked-LM fine-tuning, or contrastive (SimCSE) for sentence encoders"
 DEFAULT_LR = {"mlm": 2e-4, "simcse": 5e-5}
 NEW_HEAD_NOTE = (
-    "note: {model} has no masked-LM head (a sentence-embedding model, or an encoder saved without it); "
-    "a new one starts from scratch (--warmup-epochs trains it first). If the encoder was not pretrained as "
-    "a masked LM (all-MiniLM-L6-v2 was trained on sentence pairs), this stage may not improve its "
-    "classifier: docs/findings.md, 'Is stage 2 worth it?'"
+    "note: {model} has no masked-LM head (a sentence-embedding model, or an encoder saved without it); a new one "
+    "starts from scratch (--warmup-epochs trains it first). For an encoder not pretrained as a masked LM this stage "
+    "may not improve its classifier: docs/findings.md, 'Is stage 2 worth it?'"
 )
 OBJECTIVE_HELP = (
     "mlm: masked-LM fine-tuning; simcse: contrastive, two dropout views of each text; auto: simcse "
@@ -31,6 +30,7 @@ def add_arguments(p):
     p.add_argument("--valid", help="held-out texts for the metrics instead (same forms as --data)")
     p.add_argument("--temperature", type=float, default=0.05, help="simcse: temperature of the contrastive loss")
     p.add_argument("--deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out")
+    p.add_argument("--halves", action="store_true", help="simcse: the views are the first and second half of a text")
     p.add_argument("--warmup-epochs", type=int, default=1, help="mlm: epochs of the MLM head alone first (0: none)")
     p.add_argument("--warmup-lr", type=float, help="mlm: learning rate of those epochs (default 10 x --lr)")
     p.add_argument("--div", type=float, help="mlm: then each layer this factor slower than the one above (e.g. 2.6)")
@@ -64,7 +64,7 @@ def run(a) -> dict:
         "epochs",
         "lr",
         "max_len",
-        *(("temperature", "deletion") if a.objective == "simcse" else MLM_KEPT),
+        *(("temperature", "deletion", "halves") if a.objective == "simcse" else MLM_KEPT),
     )
     metrics = {
         **values,
@@ -113,6 +113,7 @@ def simcse(a, run, tfm, store, valid):
     dls = contrastive_dataloaders(
         store, tfm.tok, max_len=a.max_len, valid_pct=a.valid_pct, valid_texts=valid, bs=a.bs, seed=a.seed
     )
-    learn = contrastive_learner(dls, a.model, a.temperature, deletion=a.deletion, precision=a.precision, cbs=run.cbs)
+    views = dict(temperature=a.temperature, deletion=a.deletion, halves=a.halves)
+    learn = contrastive_learner(dls, a.model, **views, precision=a.precision, cbs=run.cbs)
     msg = "contrastive (SimCSE) adaptation: held-out loss {contrastive_loss:.4f}, view accuracy {view_accuracy:.4f}"
     return learn, [Stage(None, a.epochs, a.lr)], msg, ("contrastive_loss", "view_accuracy")
