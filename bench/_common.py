@@ -47,13 +47,13 @@ def out_dir(script: str) -> str:
 
 
 def write_results(a, payload: dict, md: str, name: str | None = None) -> Path:
-    """`payload` as `<a.out>/<name or a.tag>.json` and `md` as `.md` beside it; returns the path without suffix (for a
-    plot beside them)."""
-    stem = Path(a.out) / (name or a.tag)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    stem.with_suffix(".md").write_text(md + "\n")
-    return stem
+    """`payload` as `<a.out>/<name or a.tag>.json` and `md` as `.md` beside it; returns the path of a plot beside them
+    (`.png`). The name may hold dots (`del0.5`): suffixes are appended, never replaced."""
+    folder, name = Path(a.out), name or a.tag
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (folder / f"{name}.md").write_text(md + "\n")
+    return folder / f"{name}.png"
 
 
 def run_case(a, name: str, script: str) -> dict:

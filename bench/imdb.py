@@ -241,7 +241,7 @@ def main():
     ap.add_argument(
         "--lm-deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out"
     )
-    ap.add_argument("--lm-halves", action="store_true", help="simcse: the views are the two halves of each text")
+    ap.add_argument("--lm-halves", action=argparse.BooleanOptionalAction, default=True, help="simcse: views of halves")
     ap.add_argument("--lm-max-len", type=int, default=128)
     ap.add_argument(
         "--lm-warmup-epochs",
@@ -406,7 +406,7 @@ def main():
     md = "\n".join([f"(b)'s stage 2: {stage2}.", "", summary, "", *table, "", *full])
     print(md)
     env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
-    plot(rows, write_results(a, {"env": env, "results": rows}, md).with_suffix(".png"))
+    plot(rows, write_results(a, {"env": env, "results": rows}, md))
 
 
 if __name__ == "__main__":

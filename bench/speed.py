@@ -718,13 +718,13 @@ def main():
     }
     md = tables(res, a, our_precision())
     print(md)
-    stem = write_results(
+    png = write_results(
         argparse.Namespace(**{**vars(a), "tag": a.tag or device()}),
         {"env": env, "results": res},
         f"Environment: {json.dumps(env)}\n\n{md}",
     )
     if lengths:
-        plot(res, stem.with_suffix(".png"))
+        plot(res, png)
 
 
 if __name__ == "__main__":

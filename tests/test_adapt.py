@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fastai.torch_core import set_seed
 from transformers import AutoModel, AutoTokenizer
 
 from tests.conftest import reviews_csv
@@ -46,11 +47,12 @@ def test_contrastive_learner_learns_and_hands_its_encoder_to_the_classifier(enco
     dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, valid_pct=0.25, bs=8, seed=0)
     ids, doc = dls.one_batch()  # one input; the target, the texts' indices, only because fastai wants one
     assert ids.shape[0] == 8 == len(doc.unique()) and dls.train.n_inp == 1
-    learn = contrastive_learner(dls, encoder_only, precision="fp32")
+    learn = contrastive_learner(dls, encoder_only, halves=False, precision="fp32")  # views a tiny model learns
     learn.model.eval()
     with torch.no_grad():
         z = learn.model(ids)
     assert z.shape == (16, 32) and not torch.allclose(z[:8], z[8:])  # two dropout views, even in eval mode
+    set_seed(0, reproducible=True)
     before = learn.validate()[0]
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(3, 1e-3)
@@ -68,7 +70,7 @@ def test_finetune_lm_picks_the_objective_by_the_checkpoint(tiny_models, encoder_
     common = ["--data", str(data), "--max-len", "32", "--bs", "8", "--epochs", "1"]
     assert main(["finetune-lm", "--model", str(encoder_only), "--out", str(tmp_path / "auto"), *common]) == 0
     m = json.loads((tmp_path / "auto" / "metrics.json").read_text())
-    assert m["objective"] == "simcse" and m["lr"] == 5e-5 and 0 <= m["view_accuracy"] <= 1
+    assert m["objective"] == "simcse" and m["lr"] == 5e-5 and m["halves"] is True and 0 <= m["view_accuracy"] <= 1
     assert m["contrastive_loss"] > 0 and "masked_accuracy" not in m
     assert (tmp_path / "auto" / "model.safetensors").is_file() and not has_mlm_head(tmp_path / "auto")
     assert main(["finetune-lm", "--model", str(tiny_models["bert"]), "--out", str(tmp_path / "mlm"), *common]) == 0
@@ -88,7 +90,7 @@ def _views(learn, ids):
 
 def test_deletion_leaves_tokens_out_of_the_second_view_only(encoder_only, small_df):
     dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, bs=8, seed=0)
-    learn = contrastive_learner(dls, encoder_only, deletion=0.5, precision="fp32")
+    learn = contrastive_learner(dls, encoder_only, deletion=0.5, halves=False, precision="fp32")
     ids, _ = dls.one_batch()
     mask, real, special = _views(learn, ids)
     assert torch.equal(mask[:8], real)  # the first views read every token
@@ -101,7 +103,7 @@ def test_deletion_leaves_tokens_out_of_the_second_view_only(encoder_only, small_
 def test_halves_give_each_view_one_half_of_the_text(encoder_only, small_df):
     dls = contrastive_dataloaders(small_df, encoder_only, max_len=32, bs=8, seed=0)
     ids, _ = dls.one_batch()
-    mask, real, special = _views(contrastive_learner(dls, encoder_only, halves=True, precision="fp32"), ids)
+    mask, real, special = _views(contrastive_learner(dls, encoder_only, precision="fp32"), ids)  # the default
     first, second = mask[:8], mask[8:]
     assert torch.equal(first | second, real) and not (first & second & ~special).any()  # split, no token shared
     sizes = (first & ~special).sum(1) - (second & ~special).sum(1)

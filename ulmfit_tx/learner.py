@@ -383,7 +383,7 @@ def contrastive_learner(
     temperature: float = 0.05,  # Softmax temperature of the InfoNCE loss (SimCSE's 0.05)
     pooling: str = "mean",  # Text embedding: "mean" of the token states (sentence-transformers') or "cls"
     deletion: float = 0.0,  # Share of the tokens the second view leaves out (0: dropout alone, as SimCSE)
-    halves: bool = False,  # The two views read the first and the second half of each text
+    halves: bool = True,  # The two views read the first and the second half of each text (False: SimCSE's views)
     precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,  # Parameter groups: embeddings, then each layer
     metrics=None,  # Default: `ViewAccuracy`

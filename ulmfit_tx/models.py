@@ -410,7 +410,7 @@ def marge_model(
 
 
 def contrastive_model(
-    src, tok, pooling: str = "mean", deletion: float = 0.0, halves: bool = False
+    src, tok, pooling: str = "mean", deletion: float = 0.0, halves: bool = True
 ) -> ContrastiveEncoder:
     "A `ContrastiveEncoder` around the base model of a model folder, hub name or model (any head is dropped)."
     hf = load_hf(src, "base", **_base_kwargs(load_config(src).model_type))

@@ -30,7 +30,7 @@ def add_arguments(p):
     p.add_argument("--valid", help="held-out texts for the metrics instead (same forms as --data)")
     p.add_argument("--temperature", type=float, default=0.05, help="simcse: temperature of the contrastive loss")
     p.add_argument("--deletion", type=float, default=0.0, help="simcse: share of tokens the second view leaves out")
-    p.add_argument("--halves", action="store_true", help="simcse: the views are the first and second half of a text")
+    p.add_argument("--no-halves", dest="halves", action="store_false", help="simcse: SimCSE's views, not halves")
     p.add_argument("--warmup-epochs", type=int, default=1, help="mlm: epochs of the MLM head alone first (0: none)")
     p.add_argument("--warmup-lr", type=float, help="mlm: learning rate of those epochs (default 10 x --lr)")
     p.add_argument("--div", type=float, help="mlm: then each layer this factor slower than the one above (e.g. 2.6)")
