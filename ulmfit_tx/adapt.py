@@ -5,16 +5,14 @@ contrastively on sentence pairs, such as all-MiniLM-L6-v2, has no masked-LM head
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.metrics import Metric
 
-from .batching import PadTokens, TokenSortedDL, random_split
+from .batching import PadTokens, TokenSortedDL
 from .errors import UlmfitError
-from .mlm import DocView
-from .store import as_store
+from .mlm import DocView, store_parts
 from .tokenize import HFTokenizer
 
 __all__ = ["TextView", "contrastive_dataloaders", "SimCSELoss", "ViewAccuracy"]
@@ -47,15 +45,7 @@ def contrastive_dataloaders(
     """Contrastive `DataLoaders` over a token store: one text per item, cut to `max_len`, in length-sorted batches
     (texts of similar length contrast with each other, as they would in any batch of a length-sorted corpus)."""
     tfm = HFTokenizer(tokenizer, max_len)
-    opts = dict(text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
-    store = as_store(source, tfm, cache, **opts)
-    if valid_texts is not None:
-        vstore = as_store(valid_texts, tfm, cache, **opts)
-        parts = [(store, np.arange(len(store))), (vstore, np.arange(len(vstore)))]
-    else:
-        if len(store) < 4:
-            raise UlmfitError(f"contrastive adaptation needs at least 4 texts, not {len(store)}")
-        parts = [(store, idx) for idx in random_split(len(store), valid_pct, seed)]
+    parts = store_parts(source, tfm, text_col, docs, cache, valid_texts, valid_pct, seed, "contrastive adaptation", 4)
     if min(len(idx) for _, idx in parts) < 2:
         raise UlmfitError("contrastive adaptation needs at least 2 held-out texts: raise valid_pct or add texts")
     pad = PadTokens(tfm.pad_id, tfm.pad_first)

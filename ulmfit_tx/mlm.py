@@ -248,17 +248,7 @@ def mlm_dataloaders(
     if mode not in ("blocks", "docs", "segments"):
         raise UlmfitError(f"mode must be 'blocks', 'docs' or 'segments', not {mode!r}")
     tfm = HFTokenizer(tokenizer, max_len)
-    opts = dict(text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
-    store = as_store(source, tfm, cache, **opts)
-    if valid_texts is not None:
-        parts = [
-            (store, np.arange(len(store))),
-            (vstore := as_store(valid_texts, tfm, cache, **opts), np.arange(len(vstore))),
-        ]
-    else:
-        if len(store) < 2:
-            raise UlmfitError("MLM fine-tuning needs at least 2 texts (one is held out)")
-        parts = [(store, idx) for idx in random_split(len(store), valid_pct, seed)]
+    parts = store_parts(source, tfm, text_col, docs, cache, valid_texts, valid_pct, seed, "MLM fine-tuning")
     view = {"blocks": BlockView, "docs": DocView, "segments": partial(DocView, truncate=False)}[mode]
     views = [view(st, idx, tfm) for st, idx in parts]
     for v, (_, idx), what in zip(views, parts, ("training", "held-out")):
@@ -289,6 +279,29 @@ def mlm_dataloaders(
             for v, m, train in zip(views, masks, (True, False))
         ]
     return DataLoaders(*dls, device=kwargs.get("device"))
+
+
+def store_parts(
+    source,  # The texts, in any form `as_store` reads
+    tfm: HFTokenizer,  # The tokenizer transform
+    text_col: str,  # Column with the texts
+    docs: str,  # For a .txt corpus: what a document is
+    cache,  # Token store cache for a file source
+    valid_texts,  # Held-out texts in a store of their own, or None for a split of `source`
+    valid_pct: float,  # Share of `source`'s documents held out when `valid_texts` is None
+    seed: int,  # Seed of that split
+    what: str,  # The stage, for the error message
+    min_texts: int = 2,  # Fewest texts a split needs
+) -> list[tuple]:
+    "(token store, document indices) for training and for the held-out metrics."
+    opts = dict(text_col=text_col, docs=docs, unk=tfm.tok.unk_token)
+    store = as_store(source, tfm, cache, **opts)
+    if valid_texts is not None:
+        vstore = as_store(valid_texts, tfm, cache, **opts)
+        return [(store, np.arange(len(store))), (vstore, np.arange(len(vstore)))]
+    if len(store) < min_texts:
+        raise UlmfitError(f"{what} needs at least {min_texts} texts (some are held out), not {len(store)}")
+    return [(store, idx) for idx in random_split(len(store), valid_pct, seed)]
 
 
 def mlm_loss(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,7 @@ class ContrastiveEncoder(PortableHF):
         self.hf.train()  # the dropout masks make the views
         try:
             mask = torch.cat([ids, ids]) != self.pad_id  # (2B, L)
-            special = torch.isin(ids, self.special_ids)  # (B, L)
+            special = torch.isin(ids, self.special_ids) if self.halves or self.deletion else None  # (B, L)
             if self.halves:
                 real = ids != self.pad_id
                 first = real.cumsum(1) <= real.sum(1, keepdim=True) // 2  # (B, L) the first half of the real tokens
