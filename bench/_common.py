@@ -153,10 +153,10 @@ def precision() -> str:
 
 
 def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
+    "The Trainer's arguments of a benchmark case: one epoch, no saving, evaluation or logging; `kw` overrides them."
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        out,
+    defaults = dict(
         per_device_train_batch_size=a.bs,
         per_device_eval_batch_size=a.bs,
         num_train_epochs=1,
@@ -170,8 +170,8 @@ def trainer_args(a, out: str, lr: float, bf16: bool | None = None, **kw):
         use_cpu=device() == "cpu",
         disable_tqdm=True,
         seed=a.seed,
-        **kw,
     )
+    return TrainingArguments(out, **{**defaults, **kw})
 
 
 def trainer_examples(tok, part, classes: list, max_len: int, fixed: bool = False) -> list[dict]:

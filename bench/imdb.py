@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +25,17 @@ import pandas as pd
 from _common import IMDB as DATA
 from _common import out_dir, write_results
 
-TFIDF, NO_LM, ULMFIT = (
+TFIDF, NO_LM, ULMFIT, SELF, TRAINER, SETFIT = (
     "TF-IDF + logistic regression",
     "classifier alone (no LM fine-tuning)",
     "stage 2, then classifier (ULMFiT)",
+    "stage 2, classifier, then self-training",
+    "HF Trainer (same encoder, its own head)",
+    "SetFit 1.2 (same encoder)",
 )
+
+
+SETFIT_PIN = "setfit==1.2.0"
 
 
 def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -103,17 +111,24 @@ def simcse(a, model: str, texts: list[str], out: Path) -> dict:
 
 
 def classifier(
-    a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int, full_test: pd.DataFrame | None = None
+    a,
+    model: str,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    epochs: int,
+    full_test: pd.DataFrame | None = None,
+    unlabelled: list[str] | None = None,
 ) -> dict:
     """ULMFiT stage 3 with gradual unfreezing. The per-epoch validation is only a 32-row monitor copied
-    from the training rows; accuracy is measured once, on the test reviews (and `full_test`), after training."""
+    from the training rows; accuracy is measured once, on the test reviews (and `full_test`), after training. With
+    `unlabelled`, then self-training on them, scored again (`self_trained_accuracy`)."""
     from fastai.torch_core import set_seed
 
     from ulmfit_tx import clas_dataloaders, classifier_learner, fit_ulmfit
 
     set_seed(a.seed if a.clf_seed is None else a.clf_seed, reproducible=True)
     df = pd.concat([train.assign(is_valid=False), train.iloc[:32].assign(is_valid=True)], ignore_index=True)
-    dls = clas_dataloaders(df, model, max_len=a.max_len, bs=a.bs, truncate=a.truncate)
+    dls = clas_dataloaders(df, model, max_len=a.max_len, bs=a.bs, truncate=a.truncate, chunks=a.chunks)
     learn = classifier_learner(dls, model, precision=a.precision)
     t0 = time.time()
     with learn.no_bar(), learn.no_logging():
@@ -127,6 +142,20 @@ def classifier(
             "test_time_s": time.time() - t0,
             "passes": 3 + epochs,
         }
+        if unlabelled is not None:
+            t0 = time.time()
+            r["self_training"] = learn.self_train(
+                unlabelled,
+                rounds=a.self_train_rounds,
+                threshold=a.self_train_threshold,
+                per_class=a.self_train_per_class,
+                epochs=a.self_train_epochs,
+                lr=a.clf_lr / 8,  # the rate of fit_ulmfit's last stage
+                div=a.clf_div,
+            )
+            r["self_train_time_s"] = time.time() - t0
+            pred = learn.predict_texts(test.text, bs=64)
+            r["self_trained_accuracy"] = float((pred.label.values == test.label.values).mean())
         if full_test is not None:
             t0 = time.time()
             pred = learn.predict_texts(full_test.text, bs=64)
@@ -135,6 +164,61 @@ def classifier(
                 "full_test_time_s": time.time() - t0,
             }
     return r
+
+
+def hf_trainer(a, model: str, train: pd.DataFrame, test: pd.DataFrame, epochs: int) -> dict:
+    """The Hugging Face Trainer fine-tuning `AutoModelForSequenceClassification` (the architecture's own head) on the
+    same rows, as a user would: every layer for as many passes as our classifier (3 + `epochs`), lr 5e-5 with 10%
+    warm-up and linear decay, head truncation at `--max-len`, same precision."""
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    from _common import trainer_args, trainer_examples
+
+    classes = sorted(train.label.unique())
+    tok = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=len(classes))
+    args = trainer_args(
+        a, str(Path(a.out) / "work" / "trainer"), 5e-5, bf16=a.precision == "bf16", num_train_epochs=3 + epochs,
+        warmup_steps=0.1, weight_decay=0.01, seed=a.clf_seed,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=net,
+        args=args,
+        train_dataset=trainer_examples(tok, train, classes, a.max_len),
+        data_collator=DataCollatorWithPadding(tok),
+    )
+    t0 = time.time()
+    trainer.train()
+    train_time, t0 = time.time() - t0, time.time()
+    logits = trainer.predict(trainer_examples(tok, test, classes, a.max_len)).predictions
+    acc = (np.array(classes)[logits.argmax(1)] == test.label.values).mean()
+    return {"accuracy": float(acc), "train_time_s": train_time, "test_time_s": time.time() - t0, "passes": 3 + epochs}
+
+
+def setfit(a, model: str, train: pd.DataFrame, test: pd.DataFrame) -> dict:
+    """SetFit 1.2 on the same sentence encoder and rows, its paper setting: 20 pair iterations per text, one epoch of
+    contrastive fine-tuning, then a logistic-regression head; texts truncated at `--max-len` tokens."""
+    try:
+        import setfit  # noqa: F401
+    except ImportError:  # installed for this anchor only (it adds datasets and evaluate; nothing installed changes)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", SETFIT_PIN], check=True)
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    net = SetFitModel.from_pretrained(model)
+    net.model_body.max_seq_length = a.max_len
+    args = TrainingArguments(
+        output_dir=str(Path(a.out) / "work" / "setfit"),  # (its checkpoints; the default is ./checkpoints)
+        batch_size=16, num_epochs=1, num_iterations=20, seed=a.clf_seed, show_progress_bar=False,
+    )  # fmt: skip
+    rows = Dataset.from_pandas(train[["text", "label"]].reset_index(drop=True))
+    t0 = time.time()
+    Trainer(model=net, args=args, train_dataset=rows).train()
+    train_time, t0 = time.time() - t0, time.time()
+    pred = net.predict(test.text.tolist(), batch_size=64, as_numpy=True)
+    return {"accuracy": float((pred == test.label.values).mean()), "train_time_s": train_time,
+            "test_time_s": time.time() - t0}  # fmt: skip
 
 
 def linear_probe(model: str, train: pd.DataFrame, test: pd.DataFrame, max_len: int, bs: int = 64) -> dict:
@@ -208,6 +292,34 @@ def summary_table(rows: list[dict], lm_minutes: dict, probes: dict) -> str:
     return "\n".join(out)
 
 
+def comparison_table(rows: list[dict]) -> str:
+    """Per budget, every method's mean accuracy over the seeds and the paired gain of our best ((c) when it ran, else
+    (b)) over it, in points (TF-IDF has no seed: the same value is paired with every seed)."""
+    out = [
+        "| labels | method | seeds | mean accuracy | ours minus it, points: mean +- SE [95% CI] | pairs |",
+        "|---|---|---|---|---|---|",
+    ]
+    df = pd.DataFrame(rows)
+    for n, g in df.groupby("labels", sort=False):
+        best = SELF if (g.method == SELF).any() else ULMFIT
+        ours = g[g.method == best].set_index("seed").accuracy
+        for method, m in g.groupby("method", sort=False):
+            acc = m.set_index("seed").accuracy
+            other = {k: acc.iloc[0] for k in ours.index} if m.seed.isna().all() else acc
+            pairs = [100 * (ours[k] - other[k]) for k in ours.index if k in other]
+            cell = ""
+            if method != best and pairs:
+                st = paired_gain(pairs)
+                cell = f"{st['mean']:+.2f}" + (
+                    f" +- {st['se']:.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}]" if "se" in st else ""
+                )
+            out.append(
+                f"| {n} | {method} | {m.seed.notna().sum() or '-'} | {100 * acc.mean():.2f}% | {cell} | "
+                f"{', '.join(f'{x:+.2f}' for x in pairs) if cell else ''} |"
+            )
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: Path):
     import matplotlib
 
@@ -264,6 +376,9 @@ def main():
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--truncate", default="head+tail", choices=["head", "head+tail"])
     ap.add_argument(
+        "--chunks", type=int, default=1, help="classifier: chunk-and-pool up to N chunks of --max-len tokens a review"
+    )
+    ap.add_argument(
         "--clf-epochs",
         default="10,4",
         help="epochs of the last (all layers) stage, one per --labels entry (or one for all): few labels need more",
@@ -302,6 +417,18 @@ def main():
         action="store_true",
         help="also score TF-IDF and the last budget's (b) classifier (first seed) on all 25,000 test reviews",
     )
+    ap.add_argument(
+        "--eval-on",
+        default="test",
+        choices=["test", "valid"],
+        help="score on test reviews, or on held-out training reviews (kept out of every other use) to choose settings",
+    )
+    ap.add_argument("--self-train-rounds", type=int, default=0, help="(c): self-training rounds after (b) (0: no (c))")
+    ap.add_argument("--self-train-texts", type=int, default=4000, help="unlabelled reviews (c) pseudo-labels")
+    ap.add_argument("--self-train-threshold", type=float, default=0.9)
+    ap.add_argument("--self-train-per-class", type=int, default=500)
+    ap.add_argument("--self-train-epochs", type=int, default=2)
+    ap.add_argument("--anchors", default="", help="comma-separated: trainer, setfit (run with each classifier seed)")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=out_dir("imdb"), help="folder for the results files (and work/, what runs keep)")
     ap.add_argument("--tag", default="cpu")
@@ -320,6 +447,9 @@ def main():
     (out / "work").mkdir(parents=True, exist_ok=True)
     imdb = pd.read_csv(Path(a.data_dir) / "imdb.csv.gz", keep_default_na=False)
     train_half, test_half = imdb[~imdb.is_valid], imdb[imdb.is_valid]
+    if a.eval_on == "valid":  # held-out training reviews stand in for the test reviews, which are never read
+        test_half = stratified(train_half, a.n_test or 5000, a.seed + 1)
+        train_half = train_half.drop(test_half.index)
     test = stratified(test_half, a.n_test, a.seed).reset_index(drop=True)
     # MLM texts: unlabelled and training reviews, never test reviews
     unsup = pd.read_csv(Path(a.data_dir) / "imdb_unsup.csv.gz", keep_default_na=False)
@@ -335,6 +465,8 @@ def main():
         recipe += (f"_del{a.lm_deletion}" if a.lm_deletion else "") + ("_halves" if a.lm_halves else "")
     if a.model:
         recipe = f"{Path(a.model).name}_{recipe}"  # MLM stages of another encoder
+    if a.eval_on == "valid":
+        recipe += "_validsplit"  # its texts leave the held-out reviews out
     amp = {} if a.precision == "fp32" else {"precision": a.precision}  # (the runs cached before the option were fp32)
     recipe += "".join(f"_{v}" for v in amp.values())
     budgets = [int(x) for x in a.labels.split(",")]
@@ -342,6 +474,11 @@ def main():
     epochs = epochs * len(budgets) if len(epochs) == 1 else epochs
     seeds = [int(x) for x in a.clf_seeds.split(",")]
     rows, lms, probes = [], {}, {}
+    anchors = [x for x in a.anchors.split(",") if x]
+    unlabelled = pool.iloc[: a.self_train_texts].tolist() if a.self_train_rounds else None
+    self_key = (
+        {k: getattr(a, k) for k in vars(a) if k.startswith("self_train")} if a.self_train_rounds else {}
+    )  # (c) runs with (b)
     for n, e in zip(budgets, epochs):
         train = stratified(train_half, n, a.seed).reset_index(drop=True)
         n, last = len(train), n == budgets[-1]
@@ -378,13 +515,32 @@ def main():
                         for k in ("seed", "clf_seed", "max_len", "truncate", "clf_lr", "clf_div", "bs", "n_test")
                     },
                     **amp,
+                    **({"eval_on": "valid"} if a.eval_on == "valid" else {}),
+                    **({"chunks": a.chunks} if a.chunks > 1 else {}),
+                    **(self_key if method == ULMFIT else {}),
                 }
                 r = cached(
                     runs,
                     key,
-                    lambda: classifier(a, str(model), train, test, e, test_half if key["full_test"] else None),
-                )
+                    lambda: classifier(
+                        a, str(model), train, test, e, test_half if key["full_test"] else None,
+                        unlabelled if method == ULMFIT else None,
+                    ),
+                )  # fmt: skip
                 rows.append({"labels": n, "method": method, "seed": s, **r})
+                print(json.dumps(rows[-1]), flush=True)
+                if "self_trained_accuracy" in r:
+                    rows.append({"labels": n, "method": SELF, "seed": s, "accuracy": r["self_trained_accuracy"],
+                                 "train_time_s": r["train_time_s"] + r["self_train_time_s"]})  # fmt: skip
+            for anchor in anchors:
+                same = ("seed", "clf_seed", "max_len", "bs", "n_test", "eval_on", "precision")
+                key = {"anchor": anchor, "labels": n, "epochs": e, **{k: getattr(a, k) for k in same}}
+                fn = {
+                    "trainer": lambda: hf_trainer(a, base, train, test, e),
+                    "setfit": lambda: setfit(a, base, train, test),
+                }[anchor]
+                r = cached(runs, key, fn)
+                rows.append({"labels": n, "method": {"trainer": TRAINER, "setfit": SETFIT}[anchor], "seed": s, **r})
                 print(json.dumps(rows[-1]), flush=True)
     table = [
         "| labelled reviews | method | seed | test accuracy | passes | train time (s) |",
@@ -403,7 +559,7 @@ def main():
     ]
     stage2 = "SimCSE contrastive adaptation" if a.lm_objective == "simcse" else "MLM fine-tuning"
     summary = summary_table(rows, {n: m["train_time_s"] / 60 for n, m in lms.items()}, probes)
-    md = "\n".join([f"(b)'s stage 2: {stage2}.", "", summary, "", *table, "", *full])
+    md = "\n".join([f"(b)'s stage 2: {stage2}.", "", summary, "", comparison_table(rows), "", *table, "", *full])
     print(md)
     env = {"test_reviews": len(test), "settings": vars(a), "lm": lms, "linear_probe": probes}
     plot(rows, write_results(a, {"env": env, "results": rows}, md))

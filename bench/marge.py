@@ -390,6 +390,7 @@ def part_imdb(a):
         max_len=a.clf_max_len,
         bs=16,
         truncate="head+tail",
+        chunks=1,
         clf_lr=2e-3,
         clf_div=1.2,
         seed=0,

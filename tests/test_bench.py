@@ -91,39 +91,21 @@ def test_speed_benchmark_smoke(tmp_path):
 
 @needs_imdb
 def test_imdb_benchmark_smoke(tmp_path):
-    out = _run(
-        [
-            ROOT / "bench" / "imdb.py",
-            "--labels",
-            16,
-            "--n-test",
-            20,
-            "--lm-texts",
-            40,
-            "--max-len",
-            32,
-            "--lm-max-len",
-            32,
-            "--bs",
-            8,
-            "--clf-epochs",
-            1,
-            "--lm-warmup-epochs",
-            1,
-            "--clf-seeds",
-            "0,1",
-            "--tag",
-            "smoke",
-        ],
-        tmp_path,
-    )
+    args = "--labels 16 --n-test 20 --lm-texts 120 --lm-bs 8 --max-len 32 --lm-max-len 32 --bs 8 --clf-epochs 1"
+    args += " --lm-objective simcse --clf-seeds 0,1 --self-train-rounds 1 --self-train-texts 30"
+    args += " --self-train-threshold 0.5 --anchors trainer,setfit --tag smoke"
+    out = _run([ROOT / "bench" / "imdb.py", *args.split()], tmp_path)
     rows = json.loads((tmp_path / "smoke.json").read_text())["results"]
-    assert [(r["labels"], r["seed"]) for r in rows] == [(16, None)] + [(16, 0)] * 2 + [(16, 1)] * 2
+    assert [(r["labels"], r["seed"]) for r in rows] == [(16, None)] + [(16, 0)] * 5 + [(16, 1)] * 5
+    methods = [r["method"].split(" (")[0].split(",")[0] for r in rows[1:6]]
+    assert methods == ["classifier alone", "stage 2", "stage 2", "HF Trainer", "SetFit 1.2"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and "TF-IDF" in out and (tmp_path / "smoke.png").exists()
-    gains = [100 * (rows[i + 1]["accuracy"] - rows[i]["accuracy"]) for i in (1, 3)]  # (b) - (a), paired by seed
+    gains = [100 * (rows[i + 1]["accuracy"] - rows[i]["accuracy"]) for i in (1, 6)]  # (b) - (a), paired by seed
     assert "| 16 | 2 | " in out and f"| {gains[0]:+.2f}, {gains[1]:+.2f} |" in out, "the paired-gain summary"
+    assert rows[2]["self_training"][0]["pseudo_labels"] > 0 and "ours minus it" in out
     runs = json.loads((tmp_path / "work" / "imdb_clf_runs.json").read_text())
-    assert len(runs) == 6, "each (model, seed) classifier run and each probe is kept and reused"
+    assert len(runs) == 10, "each (model, seed) classifier run, anchor run and probe is kept and reused"
+    assert not (ROOT / "checkpoints").exists(), "SetFit's checkpoints go into --out, not the working folder"
 
 
 @needs_imdb

@@ -76,5 +76,6 @@ from .schedule import (
     ulmfit_lrs,
     ulmfit_stages,
 )
+from .selftrain import pseudo_labelled_dls, pseudo_labels, self_train
 from .store import TokenStore, as_store, build_store, cached_store, default_cache
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer

@@ -65,9 +65,10 @@ def HFTextBlock(
     truncate: str = "head",  # "head" or "head+tail" (keep the start and the end of long texts)
     head_frac: float = 0.25,  # With "head+tail": the share of tokens kept from the start
     multiple_of: int = 1,  # Pad batches to a multiple of this length
+    chunks: int = 1,  # Chunk-and-pool: up to this many chunks of `max_len` tokens a text (1: one sequence)
 ) -> TransformBlock:
     "A `TransformBlock` for texts in a DataFrame: tokenized once when the DataLoaders are built, padded per batch."
-    tfm = HFTokenizer(tokenizer, max_len, truncate, head_frac, text_col)
+    tfm = HFTokenizer(tokenizer, max_len, truncate, head_frac, text_col, chunks)
     return TransformBlock(
         type_tfms=tfm,
         dl_type=TokenSortedDL,
@@ -98,6 +99,7 @@ def clas_dataloaders(
     seed: int = 42,  # Seed of a random split
     max_len: int | None = None,  # Longest sequence, special tokens included
     truncate: str = "head",  # "head" or "head+tail"
+    chunks: int = 1,  # Chunk-and-pool: up to this many chunks of `max_len` tokens a text (1: one sequence)
     bs: int = 32,  # Batch size
     cache=None,  # Token store cache for a file source (None: the default cache; False: none)
     **kwargs,  # Passed to `Datasets.dataloaders` (e.g. `device`)
@@ -105,7 +107,7 @@ def clas_dataloaders(
     """Classification `DataLoaders` over a token store: the texts are tokenized once (into the cache for a
     file, reused on the next run), items are document indices, batches are length-sorted and padded to their
     longest text."""
-    tfm = HFTokenizer(tokenizer, max_len, truncate)
+    tfm = HFTokenizer(tokenizer, max_len, truncate, chunks=chunks)
     store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col)
     if store.classes is None:
         raise UlmfitError(f"{store.path}: the token store has no labels; build it with a label column")

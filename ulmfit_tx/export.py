@@ -85,6 +85,7 @@ def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
         "max_len": tfm.max_len,
         "truncate": tfm.truncate,
         "head_frac": tfm.head_frac,
+        "chunks": tfm.chunks,
         "padding_side": tfm.tok.padding_side,
         "vocab_size": len(tfm.tok),
         "tokenizer_fingerprint": tokenizer_fingerprint(tfm),
@@ -178,7 +179,7 @@ def _read_meta(p: Path, needs: str) -> dict:
 def _read_tokenizer(p: Path, meta: dict, vocab_size: int | None = None) -> HFTokenizer:
     "The tokenizer transform of folder `p`, checked to be the one `meta` was written with (and to fit `vocab_size`)."
     try:
-        tfm = HFTokenizer(p, meta["max_len"], meta["truncate"], meta["head_frac"])
+        tfm = HFTokenizer(p, meta["max_len"], meta["truncate"], meta["head_frac"], chunks=meta.get("chunks", 1))
     except UlmfitError:
         raise
     except Exception as e:
@@ -220,7 +221,10 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
             f"{path}: {WEIGHTS_FILE} does not fit config.json and {META_FILE} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from None
-    model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head) if pooling else SequenceClassifier(hf, tfm.pad_id)
+    if pooling:
+        model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head, tfm.max_len if tfm.chunks > 1 else None)
+    else:
+        model = SequenceClassifier(hf, tfm.pad_id)
     return model.eval(), tfm, meta["classes"]
 
 
@@ -377,7 +381,7 @@ def export_onnx(
         example = pad_batch(
             tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first
         )  # (2, L): sizes 0 and 1 would be fixed
-        dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len)},)
+        dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len * tfm.chunks)},)
         try:
             with _quiet():
                 torch.onnx.export(

@@ -312,9 +312,15 @@ def classifier_learner(
     """A fastai Learner that classifies texts with a transformer encoder, ready for `fit_ulmfit`, or for
     `fit_one_cycle` (head only while frozen; call `learn.unfreeze()` to train every layer)."""
     tfm = find_tokenizer(dls)
+    chunk_len = tfm.max_len if tfm.chunks > 1 else None  # chunk-and-pool when the data are chunked
     if not isinstance(model, SequenceClassifier):
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
-        model = classifier_model(model, tfm.tok, len(dls.vocab), head, labels=dls.vocab, **head_kw)
+        model = classifier_model(model, tfm.tok, len(dls.vocab), head, dls.vocab, chunk_len, **head_kw)
+    elif model.chunk_len != chunk_len:
+        raise UlmfitError(
+            f"the model reads chunks of {model.chunk_len} tokens but the data are chunks of {chunk_len} "
+            "(None: one sequence); build both with the same max_len and chunks"
+        )
     _check_len(tfm, model)
     learn = ClassifierLearner(
         dls,

@@ -306,23 +306,44 @@ AutoModelForSequenceClassification.register(PoolingClassifierConfig, PoolingForS
 class SequenceClassifier(PortableHF):
     "A Hugging Face encoder with ULMFiT's pooling head, or a `...ForSequenceClassification` model with its own head."
 
+    chunk_len = None  # (classifiers pickled before chunk-and-pool)
+
     def __init__(
         self,
         hf: PreTrainedModel,  # A base model (with `head`) or a sequence-classification model (without)
         pad_id: int,  # The tokenizer's padding id: attention is masked there
         head: nn.Module | None = None,  # f(states (B, L, H), mask (B, L)) -> logits; None: the model's native head
+        chunk_len: int | None = None,  # Chunk-and-pool: inputs are chunks of this many tokens (`HFTokenizer(chunks=)`)
     ):
         super().__init__()
-        self.hf, self.pad_id, self.head = use_fast_kernels(hf), pad_id, head
+        if chunk_len is not None and (head is None or hf.config.model_type in MEMORY_MODEL_TYPES):
+            raise UlmfitError(
+                "chunk-and-pool needs the pooling head and an encoder without memory (memory encoders read long "
+                f"texts segment by segment already), not the {'native head' if head is None else 'memory encoder'}"
+            )
+        self.hf, self.pad_id, self.head, self.chunk_len = use_fast_kernels(hf), pad_id, head, chunk_len
         self.hf_family = "base" if head is not None else "sequence_classification"
         self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.chunk_len is not None:
+            return self._chunk_and_pool(ids)
         mask = ids != self.pad_id  # (B, L) True at real tokens
         if self.head is None:
             return self._call(self.hf, ids, mask).logits  # (B, C)
         h = self._call(self.hf, ids, mask).last_hidden_state  # (B, L, H): memory encoders read it by segments
         return self.head(h, mask)  # (B, C)
+
+    def _chunk_and_pool(self, ids: torch.Tensor) -> torch.Tensor:
+        "Every chunk of each text encoded on its own, the head pooling over all their tokens together."
+        B, T = ids.shape
+        L = torch.sym_min(T, self.chunk_len)  # a batch of short texts stays one chunk as long as its longest
+        ids = nn.functional.pad(ids, (0, (L - T % L) % L), value=self.pad_id).reshape(-1, L)  # (B*C, L)
+        mask = ids != self.pad_id  # (B*C, L)
+        empty = ~mask.any(1, keepdim=True)  # (B*C, 1): chunks of padding only (the texts shorter than the longest)
+        attend = mask | (empty & (torch.arange(L, device=ids.device) == 0))  # they attend to one token: finite states
+        h = self._call(self.hf, ids, attend).last_hidden_state  # (B*C, L, H)
+        return self.head(h.reshape(B, -1, h.shape[-1]), mask.reshape(B, -1))  # pooled over (B, C*L) -> (B, n_out)
 
 
 def _check_vocab(hf: PreTrainedModel, tok, src):
@@ -353,8 +374,11 @@ def label_maps(labels) -> dict:
     return {"id2label": names, "label2id": {v: k for k, v in names.items()}}
 
 
-def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, **head_kwargs) -> SequenceClassifier:
-    "A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off)."
+def classifier_model(
+    src, tok, n_out: int, head: str = "pooling", labels=None, chunk_len: int | None = None, **head_kwargs
+) -> SequenceClassifier:
+    """A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off);
+    `chunk_len`: chunk-and-pool inputs of chunks of that many tokens."""
     if head not in ("pooling", "native"):
         raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
     if head == "native":
@@ -365,10 +389,11 @@ def classifier_model(src, tok, n_out: int, head: str = "pooling", labels=None, *
             **label_maps(labels if labels is not None else range(n_out)),
         )
         _check_vocab(hf, tok, src)
-        return SequenceClassifier(hf, tok.pad_token_id)
+        return SequenceClassifier(hf, tok.pad_token_id, chunk_len=chunk_len)
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     _check_vocab(hf, tok, src)
-    return SequenceClassifier(hf, tok.pad_token_id, PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs))
+    head = PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs)
+    return SequenceClassifier(hf, tok.pad_token_id, head, chunk_len)
 
 
 def marge_model(

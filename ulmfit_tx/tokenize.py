@@ -81,6 +81,7 @@ class HFTokenizer(Transform):
     ids in its `input_ids` column, so batches never re-tokenize."""
 
     input_types = (pd.Series, str, list, np.ndarray)
+    chunks = 1  # (transforms pickled before chunk-and-pool)
     train_setup = False  # `setups` gets the whole dataset (all splits are tokenized once), not the training subset
 
     def __init__(
@@ -90,12 +91,17 @@ class HFTokenizer(Transform):
         truncate: str = "head",  # "head" keeps the start of long texts, "head+tail" the start and the end
         head_frac: float = 0.25,  # With "head+tail": the share of the kept tokens taken from the start
         text_col: str | None = None,  # DataFrame column read by `setups` and for rows without cached ids
+        chunks: int = 1,  # Up to this many chunks of `max_len` tokens a text (chunk-and-pool classifiers); 1: one
     ):
         if truncate not in ("head", "head+tail"):
             raise UlmfitError(f"truncate must be 'head' or 'head+tail', not {truncate!r}")
+        if not isinstance(chunks, int) or chunks < 1:
+            raise UlmfitError(f"chunks must be a positive integer, not {chunks!r}")
         self.tok = load_tokenizer(tokenizer)
+        if chunks > 1 and self.tok.padding_side == "left":
+            raise UlmfitError("chunks > 1 needs a tokenizer that pads on the right (padding_side='right')")
         self.max_len = max_len or min(self.tok.model_max_length, 512)
-        self.truncate, self.head_frac, self.text_col = truncate, head_frac, text_col
+        self.truncate, self.head_frac, self.text_col, self.chunks = truncate, head_frac, text_col, chunks
         self._init_backend()
 
     def _init_backend(self):
@@ -114,13 +120,19 @@ class HFTokenizer(Transform):
         return self.tok.padding_side == "left"
 
     def wrap(self, ids, truncate: bool = True) -> np.ndarray:
-        "One text's ids (without special tokens) as model input: truncated to fit `max_len`, special tokens around."
+        """One text's ids (without special tokens) as model input: truncated to fit `max_len` (`chunks` times), special
+        tokens around. With `chunks` > 1 a long text becomes consecutive chunks of `max_len` tokens, each with its
+        special tokens, the last one shorter: the layout `SequenceClassifier(chunk_len=max_len)` reads."""
         ids = np.asarray(ids, dtype=np.int32)
-        n = self.max_len - len(self.prefix) - len(self.suffix)
-        if truncate and len(ids) > n:
-            head = n if self.truncate == "head" else round(n * self.head_frac)
-            ids = np.concatenate([ids[:head], ids[len(ids) - (n - head) :]])
-        return np.concatenate([np.asarray(self.prefix, np.int32), ids, np.asarray(self.suffix, np.int32)])
+        n = self.max_len - len(self.prefix) - len(self.suffix)  # text tokens a chunk holds
+        keep = n * self.chunks
+        if truncate and len(ids) > keep:
+            head = keep if self.truncate == "head" else round(keep * self.head_frac)
+            ids = np.concatenate([ids[:head], ids[len(ids) - (keep - head) :]])
+        pre, suf = np.asarray(self.prefix, np.int32), np.asarray(self.suffix, np.int32)
+        if self.chunks == 1 or len(ids) <= n:
+            return np.concatenate([pre, ids, suf])
+        return np.concatenate([np.concatenate([pre, ids[i : i + n], suf]) for i in range(0, len(ids), n)])
 
     def token_ids(self, texts, chunk: int = 4096) -> Iterator[list[int]]:
         """Token ids of each text, without special tokens or truncation, encoded in parallel `chunk` texts

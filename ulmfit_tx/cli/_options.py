@@ -12,6 +12,7 @@ __all__ = [
     "add_docs",
     "add_classifier_data",
     "classifier_data",
+    "add_self_training",
     "add_output",
     "add_checkpoint",
     "add_training",
@@ -73,6 +74,13 @@ def add_classifier_data(p):
         choices=["head", "head+tail"],
         help="keep the start of long texts, or the start and the end",
     )
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=1,
+        help="chunk-and-pool: encode up to N chunks of --max-len tokens a text and pool them (whole documents); "
+        "--truncate applies beyond N chunks (default 1: one sequence)",
+    )
 
 
 def classifier_data(a: argparse.Namespace):
@@ -90,9 +98,24 @@ def classifier_data(a: argparse.Namespace):
         seed=a.seed,
         max_len=a.max_len,
         truncate=a.truncate,
+        chunks=a.chunks,
         bs=a.bs,
         cache=a.cache,
     )
+
+
+def add_self_training(p: argparse.ArgumentParser):
+    "--unlabelled and the --self-train-* options (`selftrain.self_train` after the classifier)."
+    g = p.add_argument_group("self-training on unlabelled texts, after the classifier")
+    g.add_argument(
+        "--unlabelled", help="unlabelled texts of the same domain: CSV/TSV/parquet (--text-col) or .txt, one per line"
+    )
+    g.add_argument("--self-train-rounds", type=int, help="rounds of pseudo-labelling then training (default 1)")
+    g.add_argument(
+        "--self-train-threshold", type=float, default=0.9, help="class probability a pseudo-label needs (default 0.9)"
+    )
+    g.add_argument("--self-train-epochs", type=int, default=2, help="epochs of each round (every layer trains)")
+    g.add_argument("--self-train-per-class", type=int, help="at most this many pseudo-labels per class and round")
 
 
 def add_output(p: argparse.ArgumentParser):
@@ -150,6 +173,10 @@ NUMERIC = (
     "self_layers",
     "cross_layers",
     "temperature",
+    "chunks",
+    "self_train_rounds",
+    "self_train_epochs",
+    "self_train_per_class",
 )
 
 
@@ -157,7 +184,7 @@ def check_args(a: argparse.Namespace):
     "Refuse numeric options out of range and data paths that do not exist, before any work starts."
     from ..errors import UlmfitError, check_positive
 
-    for name in ("data", "valid"):
+    for name in ("data", "valid", "unlabelled"):
         path = getattr(a, name, None)
         if path is not None and not Path(path).exists():
             raise UlmfitError(f"{path}: no such file or folder (--{name})")

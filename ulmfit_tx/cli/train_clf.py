@@ -6,6 +6,7 @@ from ._options import (
     add_data,
     add_model,
     add_output,
+    add_self_training,
     add_training,
     classifier_data,
     start_run,
@@ -39,16 +40,24 @@ def add_arguments(p):
         choices=["pooling", "native"],
         help="ULMFiT concat-pooling head, or the architecture's own (also saved as a HF folder)",
     )
+    add_self_training(p)
 
 
 def run(a) -> dict:
     from fastai.torch_core import num_distrib
 
+    from ..errors import UlmfitError
+    from ..io import read_corpus
     from ..learner import classifier_learner
     from ..plots import ConfusionCounts
     from ..schedule import LAYER_DIV, Stage, ulmfit_stages
 
+    if a.self_train_rounds and not a.unlabelled:
+        raise UlmfitError("--self-train-rounds needs --unlabelled (the texts to pseudo-label)")
+    if not 0 < a.self_train_threshold < 1:
+        raise UlmfitError(f"--self-train-threshold must be between 0 and 1, not {a.self_train_threshold}")
     run = start_run(a)
+    unlabelled = read_corpus(a.unlabelled, text_col=a.text_col) if a.unlabelled else None
     dls = classifier_data(a)
     cbs = [run.history, ConfusionCounts(), run.checkpoint]
     learn = classifier_learner(dls, a.model, head=a.head, precision=a.precision, cbs=cbs)
@@ -57,6 +66,12 @@ def run(a) -> dict:
     stages = ulmfit_stages(lr, (1, 1, 1, a.epochs), div=div) if a.schedule == "ulmfit" else [Stage(None, a.epochs, lr)]
     epochs = [st.epochs for st in stages]
     valid_loss, acc = run.fit(learn, stages)
+    rounds = []
+    if unlabelled is not None:
+        run.checkpoint.save_deferred()  # a resumed run self-trains again from the fitted weights
+        with learn.removed_cbs(run.checkpoint):
+            rounds = self_train_rounds(learn, unlabelled, a, lr, div)
+            valid_loss, acc = rounds[-1]["valid_loss"], rounds[-1]["accuracy"]
     metrics = dict(
         accuracy=acc,
         valid_loss=valid_loss,
@@ -67,11 +82,13 @@ def run(a) -> dict:
         div=div,
         head=a.head,
         max_len=a.max_len,
+        chunks=a.chunks,
         bs=a.bs,
         n_train=len(dls.train_ds),
         n_valid=len(dls.valid_ds),
         labels=[str(v) for v in dls.vocab],
         processes=max(1, num_distrib()),
+        self_training=rounds,
         **run.stats(learn, sum(epochs) * len(dls.train_ds)),
     )
     run.save_classifier(learn, metrics, hf=a.head == "native")
@@ -80,3 +97,21 @@ def run(a) -> dict:
         f"{sum(epochs)} passes in {metrics['train_time_s']:.0f}s -> {a.out}"
     )
     return metrics
+
+
+def self_train_rounds(learn, texts: list[str], a, lr: float, div: float | None) -> list[dict]:
+    "`self_train` after the fit, at the rate of its last stage."
+    from ..schedule import LAYER_DIV
+    from ..selftrain import self_train
+
+    last_lr = lr / 2**3 if a.schedule == "ulmfit" else lr  # ulmfit_stages halves the rate at each of 3 stages
+    return self_train(
+        learn,
+        texts,
+        rounds=a.self_train_rounds or 1,
+        threshold=a.self_train_threshold,
+        per_class=a.self_train_per_class,
+        epochs=a.self_train_epochs,
+        lr=last_lr,
+        div=LAYER_DIV if div is None else div,
+    )
