@@ -2,8 +2,6 @@
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from fastai.torch_core import set_seed
@@ -11,28 +9,14 @@ from fastai.torch_core import set_seed
 from ulmfit_tx import UlmfitError, clas_dataloaders, classifier_learner, pseudo_labels
 from ulmfit_tx.cli import main
 
-GOOD = ["great", "wonderful", "superb", "lovely", "brilliant"]
-BAD = ["awful", "boring", "terrible", "dull", "horrible"]
-
-
-def toy_texts(n: int, seed: int) -> pd.DataFrame:
-    "Reviews whose sentiment is one word among neutral ones: a task a tiny model learns in a few epochs."
-    rng = np.random.default_rng(seed)
-    filler = "the film story actor scene plot music end".split()
-    rows = []
-    for i in range(n):
-        label = ["neg", "pos"][i % 2]
-        words = list(rng.choice(filler, 6)) + [rng.choice(GOOD if label == "pos" else BAD)]
-        rows.append({"text": " ".join(rng.permutation(words)), "label": label})
-    return pd.DataFrame(rows)
+from .test_training import keyword_task
 
 
 @pytest.fixture()
 def trained(bert_dir):
-    "A tiny BERT classifier trained on 24 toy reviews (8 held out)."
+    "A tiny BERT classifier trained on 24 keyword-task texts (8 held out)."
     set_seed(0, reproducible=True)
-    df = toy_texts(32, 0).assign(is_valid=[False] * 24 + [True] * 8)
-    dls = clas_dataloaders(df, bert_dir, max_len=16, bs=8, cache=False)
+    dls = clas_dataloaders(keyword_task(32), bert_dir, max_len=32, bs=8, cache=False)
     learn = classifier_learner(dls, bert_dir, precision="fp32")
     with learn.no_bar(), learn.no_logging():
         learn.unfreeze()
@@ -41,7 +25,7 @@ def trained(bert_dir):
 
 
 def test_pseudo_labels_are_confident_balanced_and_mostly_right(trained):
-    unlabelled = toy_texts(60, 1)
+    unlabelled = keyword_task(60, 1)
     pl = pseudo_labels(trained, unlabelled.text, threshold=0.6)
     counts = pl.label.value_counts()
     assert set(counts.index) == {"neg", "pos"} and counts["neg"] == counts["pos"] > 0  # balanced
@@ -69,7 +53,7 @@ def test_self_train_trains_on_labelled_and_pseudo_rows_and_restores_the_data(tra
 
     trained.fit_one_cycle = counting
     with trained.no_bar(), trained.no_logging():
-        history = trained.self_train(toy_texts(40, 2).text, rounds=2, threshold=0.55, epochs=1)
+        history = trained.self_train(keyword_task(40, 2).text, rounds=2, threshold=0.55, epochs=1)
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["pseudo_labels"] > 0 and h["per_class"]["neg"] == h["per_class"]["pos"] for h in history)
     assert seen == [24 + h["pseudo_labels"] for h in history]  # labelled + pseudo-labelled rows
@@ -81,10 +65,9 @@ def test_self_train_trains_on_labelled_and_pseudo_rows_and_restores_the_data(tra
 
 
 def test_train_clf_self_trains_on_an_unlabelled_file(bert_dir, tmp_path, capsys):
-    df = toy_texts(32, 0).assign(is_valid=[False] * 24 + [True] * 8)
-    df.to_csv(tmp_path / "d.csv", index=False)
-    toy_texts(40, 3)[["text"]].to_csv(tmp_path / "u.csv", index=False)
-    args = ["train-clf", "--model", str(bert_dir), "--data", str(tmp_path / "d.csv"), "--max-len", "16"]
+    keyword_task(32).to_csv(tmp_path / "d.csv", index=False)
+    keyword_task(40, 3)[["text"]].to_csv(tmp_path / "u.csv", index=False)
+    args = ["train-clf", "--model", str(bert_dir), "--data", str(tmp_path / "d.csv"), "--max-len", "32"]
     args += ["--bs", "8", "--epochs", "2", "--precision", "fp32", "--lr", "3e-3"]
     main(args + ["--out", str(tmp_path / "clf"), "--unlabelled", str(tmp_path / "u.csv")]
          + ["--self-train-rounds", "1", "--self-train-threshold", "0.5"])  # fmt: skip
