@@ -31,6 +31,7 @@ def pseudo_labels(
     threshold: float = 0.9,  # Keep a text only when its top class probability is at least this
     per_class: int | None = None,  # At most this many texts per class (default: no cap besides balancing)
     bs: int = 64,  # Batch size of the predictions
+    ids: list | None = None,  # The texts' model inputs when already tokenized (`learn.tokenizer.encode_batch`)
 ) -> pd.DataFrame:
     """The confident predictions of `learn` on `texts`, class-balanced: every class keeps as many texts as the class
     with the fewest confident ones (its most confident first). Columns: text, label, confidence; and input_ids, the
@@ -45,7 +46,7 @@ def pseudo_labels(
         raise UlmfitError(
             f"{int(bad.sum())} unlabelled texts are empty or not strings (positions {list(bad[bad].index[:5])})"
         )
-    ids = learn.tokenizer.encode_batch(texts.tolist())
+    ids = learn.tokenizer.encode_batch(texts.tolist()) if ids is None else ids
     probs = learn._probs(ids, bs).float().numpy()  # (N, C)
     vocab = np.array(list(learn.dls.vocab), dtype=object)
     df = pd.DataFrame({"text": texts, LABEL_COL: vocab[probs.argmax(1)], "confidence": probs.max(1), IDS_COL: ids})
@@ -96,10 +97,12 @@ def self_train(
     if rounds < 1 or epochs < 1:
         raise UlmfitError(f"rounds and epochs must be at least 1 (got rounds={rounds}, epochs={epochs})")
     labelled, history = learn.dls, []
+    texts = list(texts)
+    ids = learn.tokenizer.encode_batch(texts)  # once, for every round
     try:
         for r in range(rounds):
             learn.dls = labelled  # pseudo-label with the labelled DataLoaders' vocab and device
-            pseudo = pseudo_labels(learn, texts, threshold, per_class)
+            pseudo = pseudo_labels(learn, texts, threshold, per_class, ids=ids)
             if pseudo.empty:
                 raise UlmfitError(
                     f"round {r + 1}: no class has a prediction with probability >= {threshold} on every class; "

@@ -70,7 +70,7 @@ def run(a) -> dict:
     if unlabelled is not None:
         run.checkpoint.save_deferred()  # a resumed run self-trains again from the fitted weights
         with learn.removed_cbs(run.checkpoint):
-            rounds = self_train_rounds(learn, unlabelled, a, lr, div)
+            rounds = self_train_rounds(learn, unlabelled, a, stages[-1])
             valid_loss, acc = rounds[-1]["valid_loss"], rounds[-1]["accuracy"]
     metrics = dict(
         accuracy=acc,
@@ -99,12 +99,11 @@ def run(a) -> dict:
     return metrics
 
 
-def self_train_rounds(learn, texts: list[str], a, lr: float, div: float | None) -> list[dict]:
-    "`self_train` after the fit, at the rate of its last stage."
+def self_train_rounds(learn, texts: list[str], a, last) -> list[dict]:
+    "`self_train` after the fit, at the rate and discriminative factor of its `last` stage."
     from ..schedule import LAYER_DIV
     from ..selftrain import self_train
 
-    last_lr = lr / 2**3 if a.schedule == "ulmfit" else lr  # ulmfit_stages halves the rate at each of 3 stages
     return self_train(
         learn,
         texts,
@@ -112,6 +111,6 @@ def self_train_rounds(learn, texts: list[str], a, lr: float, div: float | None) 
         threshold=a.self_train_threshold,
         per_class=a.self_train_per_class,
         epochs=a.self_train_epochs,
-        lr=last_lr,
-        div=LAYER_DIV if div is None else div,
+        lr=last.lr,
+        div=LAYER_DIV if last.div is None else last.div,
     )
