@@ -12,6 +12,8 @@ from ulmfit_tx import default_precision
 ROOT = Path(__file__).resolve().parents[1]
 IMDB = ROOT.parent / "shared" / "data" / "imdb"
 needs_imdb = pytest.mark.skipif(not (IMDB / "imdb.csv.gz").exists(), reason="../shared/data/imdb is not here")
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
+needs_wiki = pytest.mark.skipif(not (WIKI / "train.txt.gz").exists(), reason="../shared/data/wikitext-2 is not here")
 
 
 def _run(args, tmp_path):
@@ -106,6 +108,16 @@ def test_imdb_benchmark_smoke(tmp_path):
     runs = json.loads((tmp_path / "work" / "imdb_clf_runs.json").read_text())
     assert len(runs) == 10, "each (model, seed) classifier run, anchor run and probe is kept and reused"
     assert not (ROOT / "checkpoints").exists(), "SetFit's checkpoints go into --out, not the working folder"
+
+
+@needs_wiki
+def test_multilabel_benchmark_smoke(tmp_path):
+    args = "--max-train 40 --seeds 0,1 --max-len 32 --epochs 1 --tag smoke"
+    out = _run([ROOT / "bench" / "multilabel.py", *args.split()], tmp_path)
+    res = json.loads((tmp_path / "smoke.json").read_text())
+    assert len(res["classes"]) == 12 and [r["seed"] for r in res["results"]] == [0, 0, 1, 1]
+    assert all(0 <= r["f1_macro"] <= 1 and 0 < r["threshold"] < 1 for r in res["results"])
+    assert "| TF-IDF + LR (one-vs-rest) |" in out and "Ours minus TF-IDF, macro F1 points, per seed:" in out
 
 
 @needs_imdb

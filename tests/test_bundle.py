@@ -42,6 +42,7 @@ def test_bundle_loads_in_a_fresh_process_with_identical_probabilities(trained, h
     learn = trained[head]
     path = learn.export_bundle(tmp_path / "bundle")
     assert sorted(p.name for p in path.iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "tokenizer.json",
@@ -49,6 +50,10 @@ def test_bundle_loads_in_a_fresh_process_with_identical_probabilities(trained, h
         "ulmfit_tx.json",
     ]
     assert json.loads((path / "ulmfit_tx.json").read_text())["head"] == head
+    card = (path / "README.md").read_text()
+    assert (
+        card.startswith("---\nlibrary_name: ulmfit_tx\npipeline_tag: text-classification") and "## How to use" in card
+    )
     _fresh_process_matches(learn, path)
     with pytest.raises(UlmfitError, match="exists"):
         learn.export_bundle(path)

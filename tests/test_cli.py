@@ -321,7 +321,7 @@ def test_fill_mask_and_lr_find(lm_dir, csv, tmp_path, capsys):
                     str(csv),
                     "--out",
                     str(out),
-                    "--task",
+                    "--learner",
                     task,
                     "--max-len",
                     "32",

@@ -8,7 +8,7 @@ from ._version import __version__
 from .adapt import SimCSELoss, TextView, ViewAccuracy, contrastive_dataloaders
 from .archs import ARCHS, ArchSpec, arch_spec, clas_splitter, lm_splitter, marge_splitter, max_positions, register_arch
 from .batching import PadTokens, TokenSortedDL
-from .checkpoint import CheckpointCallback, Interrupted, Position
+from .checkpoint import CheckpointCallback, Interrupted, KeepBest, Position
 from .data import HFTextBlock, StoreLabel, StoreText, clas_dataloaders
 from .encoders import CompressiveConfig, MargeConfig, MargeModel, MemXLConfig, ScratchConfig
 from .errors import UlmfitError
@@ -78,4 +78,5 @@ from .schedule import (
 )
 from .selftrain import pseudo_labelled_dls, pseudo_labels, self_train
 from .store import TokenStore, as_store, build_store, cached_store, default_cache
+from .tasks import MULTI, REGRESSION, SINGLE, Task, class_weights, task_of
 from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.tracker import SaveModelCallback
 from fastcore.foundation import L
 
 from .errors import UlmfitError
 from .io import atomic_file
 
-__all__ = ["Position", "CheckpointCallback", "Interrupted", "rng_states", "set_rng_states"]
+__all__ = ["Position", "CheckpointCallback", "Interrupted", "KeepBest", "rng_states", "set_rng_states"]
 
 CKPT, STATE = "checkpoint.pt", "state.json"
 
@@ -271,3 +272,37 @@ class CheckpointCallback(Callback):
 
         if is_rank0():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class KeepBest(SaveModelCallback):
+    """fastai's `SaveModelCallback` with the best weights kept in memory (a CPU copy) instead of a file in the
+    learner's folder: after the fit the model holds the weights of its best epoch by `monitor`; `values` are that
+    epoch's validation loss and metrics, `best_epoch` its index."""
+
+    def __init__(
+        self,
+        monitor: str = "valid_loss",  # The validation value to watch (`learn.recorder.metric_names`)
+        comp=None,  # np.less or np.greater (default: np.less for losses and errors, else np.greater)
+    ):
+        super().__init__(monitor=monitor, comp=comp)
+        self.state = self.values = self.best_epoch = None
+        self.restored = False  # whether the fit ended on an earlier epoch's weights than its last
+
+    def before_fit(self):
+        self.state = self.values = self.best_epoch = None
+        self.restored = False
+        super().before_fit()
+
+    def after_epoch(self):
+        if self.run:  # (not inside lr_find or get_preds)
+            super().after_epoch()
+
+    def _save(self, name):
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.learn.model.state_dict().items()}
+        self.values, self.best_epoch = list(self.recorder.values[-1][1:]), self.epoch
+
+    def after_fit(self, **kwargs):
+        if self.state is not None:
+            self.learn.model.load_state_dict(self.state)
+            self.restored = self.best_epoch != self.epoch
+        self.state = None

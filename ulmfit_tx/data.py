@@ -7,16 +7,16 @@ import numpy as np
 import torch
 from fastai.data.block import TransformBlock
 from fastai.data.core import DataLoaders, Datasets
-from fastai.data.transforms import Categorize
 from fastai.text.data import TensorText
 from fasttransform import Transform
 
 from .batching import PadTokens, TokenSortedDL, random_split
 from .errors import UlmfitError, check_classes
 from .store import TokenStore, as_store
+from .tasks import MULTI, SINGLE, Task
 from .tokenize import HFTokenizer
 
-__all__ = ["StoreText", "StoreLabel", "HFTextBlock", "store_splits", "clas_dataloaders"]
+__all__ = ["StoreText", "StoreLabel", "HFTextBlock", "store_splits", "store_task", "clas_dataloaders"]
 
 
 class StoreText(Transform):
@@ -45,17 +45,36 @@ class StoreText(Transform):
 
 
 class StoreLabel(Transform):
-    "Item: the index of a document in a token store -> its class name (then `Categorize`). Not pickled with the store."
+    """Item: the index of a document in a token store -> its label as fastai's target transforms take it: a class name
+    (`Categorize`), a list of class names (`MultiCategorize`) or a number (`RegressionSetup`). Not pickled with the
+    store."""
 
     def __init__(self, store: TokenStore):
         super().__init__()
-        self.store = store
+        self.store, self.task = store, store.task
 
     def encodes(self, i: int | np.integer):
-        return self.store.classes[self.store.labels[i]]
+        y = self.store.labels[i]
+        if self.task == SINGLE:
+            return self.store.classes[y]
+        if self.task == MULTI:
+            return [self.store.classes[j] for j in np.flatnonzero(y)]
+        return float(y)
 
     def __getstate__(self):
         return {**self.__dict__, "store": None}
+
+
+def store_task(store: TokenStore) -> Task:
+    "The task of a store's labels (regression: named for its label column), or an error when it has none."
+    if store.task is None:
+        raise UlmfitError(
+            f"{store.path}: the token store has no labels; build it again with them: "
+            "ulmfit-tx tokenize --label-col COLUMN (or pass the data file itself)"
+        )
+    if store.task == SINGLE:
+        check_classes(store.classes, store.meta["source"].get("label_col") or "label", store.meta["source"]["name"])
+    return Task(store.task, store.classes or [store.meta["source"].get("label_col") or "target"])
 
 
 def HFTextBlock(
@@ -93,28 +112,30 @@ def clas_dataloaders(
     source,  # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
     tokenizer,  # A fast tokenizer, or a model folder / hub name
     text_col: str = "text",  # Column with the texts
-    label_col: str = "label",  # Column with the labels (strings or ints)
+    label_col: str | list = "label",  # Column with the labels; several: 0/1 columns of a multi_label task
     valid_col: str | None = "is_valid",  # Boolean column marking validation rows; random split if the data has none
     valid_pct: float = 0.2,  # Validation share of a random split
     seed: int = 42,  # Seed of a random split
     max_len: int | None = None,  # Longest sequence, special tokens included
     truncate: str = "head",  # "head" or "head+tail"
     chunks: int = 1,  # Chunk-and-pool: up to this many chunks of `max_len` tokens a text (1: one sequence)
+    task: str | None = None,  # single_label, multi_label or regression (default: multi_label for several label
+    # columns or a `label_delim`, else single_label)
+    label_delim: str | None = None,  # multi_label from one column: the separator of its class names (e.g. ";")
+    classes: list | None = None,  # The classes in output order; a label outside them is refused (default: as found)
     bs: int = 32,  # Batch size
     cache=None,  # Token store cache for a file source (None: the default cache; False: none)
     **kwargs,  # Passed to `Datasets.dataloaders` (e.g. `device`)
 ) -> DataLoaders:
     """Classification `DataLoaders` over a token store: the texts are tokenized once (into the cache for a
     file, reused on the next run), items are document indices, batches are length-sorted and padded to their
-    longest text."""
+    longest text. The targets follow the task: class ids, multi-hot vectors or numbers."""
     tfm = HFTokenizer(tokenizer, max_len, truncate, chunks=chunks)
-    store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col)
-    if store.classes is None:
-        raise UlmfitError(f"{store.path}: the token store has no labels; build it with a label column")
-    check_classes(store.classes, label_col, store.meta["source"]["name"])
+    opts = dict(task=task, label_delim=label_delim, classes=classes) if task or label_delim or classes else {}
+    store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col, **opts)
     dsets = Datasets(
         range(len(store)),
-        tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), Categorize(vocab=store.classes, sort=False)]],
+        tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), *store_task(store).target_tfms()]],
         splits=store_splits(store, valid_col, valid_pct, seed),
     )
     return dsets.dataloaders(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "check_labels",
     "check_classes",
     "valid_mask",
+    "binary_values",
     "check_max_len",
     "check_positive",
 ]
@@ -81,21 +83,27 @@ def check_classes(classes, label_col: str = "label", what: str = "data"):
         )
 
 
-_TRUE, _FALSE = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
+_TRUE, _FALSE = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no"}
+
+
+def binary_values(col: pd.Series, name: str, what: str = "data", true=(), false=()) -> np.ndarray:
+    "A column of True/False (1/0, yes/no; also the words in `true`, `false`) as booleans, or an error naming odd rows."
+    if col.dtype == bool:
+        return col.to_numpy()
+    s = col.astype(str).str.strip().str.lower()
+    yes, no = _TRUE | set(true), _FALSE | set(false)
+    odd = ~s.isin(yes | no)
+    if odd.any():
+        raise UlmfitError(
+            f"{what}: column {name!r} must hold True/False or 1/0, found "
+            f"{sorted(col[odd].astype(str).unique())[:5]} (rows {_rows(col.index[odd])})"
+        )
+    return s.isin(yes).to_numpy()
 
 
 def valid_mask(df: pd.DataFrame, valid_col: str) -> pd.Series:
-    "The `valid_col` column as booleans (True/False, 1/0, yes/no), or an error naming the odd values."
-    col = df[valid_col]
-    if col.dtype == bool:
-        return col
-    s = col.astype(str).str.strip().str.lower()
-    odd = ~s.isin(_TRUE | _FALSE)
-    if odd.any():
-        raise UlmfitError(
-            f"column {valid_col!r} must hold True/False, found {sorted(col[odd].astype(str).unique())[:5]}"
-        )
-    return s.isin(_TRUE)
+    "The `valid_col` column as booleans (True/False, 1/0, yes/no, valid/train; empty is False), or an error."
+    return pd.Series(binary_values(df[valid_col], valid_col, true=("valid",), false=("train", "")), index=df.index)
 
 
 def check_positive(**values):

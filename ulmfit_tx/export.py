@@ -34,6 +34,7 @@ from .errors import UlmfitError
 from .io import atomic_dir, atomic_file
 from .models import PoolingClassifierConfig, SequenceClassifier, label_maps
 from .store import tokenizer_fingerprint
+from .tasks import MULTI, REGRESSION, SINGLE, Task
 from .tokenize import HFTokenizer
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "weights_fingerprint",
     "write_hf",
     "write_bundle",
+    "model_card",
     "export_bundle",
     "read_bundle",
     "SAMPLE_TEXTS",
@@ -72,8 +74,8 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
-    "What `ulmfit_tx.json` records: head, classes and the tokenization settings `predict` needs."
+def _meta(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> dict:
+    "What `ulmfit_tx.json` records: head, task, classes and the tokenization settings `predict` needs."
     head = model.head
     return {
         "format": BUNDLE_FORMAT,
@@ -81,7 +83,8 @@ def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
         "model_type": model.hf.config.model_type,
         "head": "native" if head is None else "pooling",
         "pooling": None if head is None else head.config,
-        "classes": [c.item() if hasattr(c, "item") else c for c in classes],
+        **task.meta(),
+        "classes": [c.item() if hasattr(c, "item") else c for c in task.classes],
         "max_len": tfm.max_len,
         "truncate": tfm.truncate,
         "head_frac": tfm.head_frac,
@@ -93,44 +96,104 @@ def _meta(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> dict:
     }
 
 
-def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, classes: list) -> tuple[PreTrainedConfig, nn.Module]:
+def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> tuple[PreTrainedConfig, nn.Module]:
     """The config and the module whose weights a bundle holds, as Hugging Face loads them: the native model itself, or
     (pooling head) a `PoolingClassifierConfig` and the classifier, whose weight names
-    `PoolingForSequenceClassification` shares."""
+    `PoolingForSequenceClassification` shares. The config's `problem_type` tells `pipeline()` softmax, sigmoid or
+    none."""
     if model.head is None:
+        model.hf.config.problem_type = task.problem_type
         return model.hf.config, model.hf
-    return PoolingClassifierConfig(
-        encoder=model.hf.config.to_dict(), pooling=model.head.config, pad_token_id=tfm.pad_id, **label_maps(classes)
-    ), model
+    config = PoolingClassifierConfig(
+        encoder=model.hf.config.to_dict(),
+        pooling=model.head.config,
+        pad_token_id=tfm.pad_id,
+        problem_type=task.problem_type,
+        **label_maps(task.classes),
+    )
+    return config, model
 
 
 def write_hf(
     model: SequenceClassifier,  # The classifier (`learn.model`)
     tfm: HFTokenizer,  # Its tokenizer transform (`learn.tokenizer`)
-    classes: list,  # Class names in the order of the model's outputs (`learn.dls.vocab`)
+    task: Task,  # What it predicts: kind, output names, threshold (`learn.task`)
     folder,  # An existing folder (e.g. the temporary folder of an atomic write)
 ) -> Path:
     """Write the classifier as a Hugging Face folder into `folder`: `config.json`, `model.safetensors` and the
     tokenizer, what `AutoModelForSequenceClassification` and `pipeline("text-classification")` read."""
     folder = Path(folder)
-    config, module = _hf_form(model, tfm, classes)
+    config, module = _hf_form(model, tfm, task)
     config.save_pretrained(folder)
     save_model(module, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     tfm.tok.save_pretrained(folder)
     return folder
 
 
-def write_bundle(model: SequenceClassifier, tfm: HFTokenizer, classes: list, folder) -> Path:
-    "`write_hf`, plus `ulmfit_tx.json`: a bundle that `read_bundle` (`load_classifier`) reads."
-    write_hf(model, tfm, classes, folder)
-    (Path(folder) / META_FILE).write_text(json.dumps(_meta(model, tfm, classes), indent=1) + "\n")
+def write_bundle(model: SequenceClassifier, tfm: HFTokenizer, task: Task, folder, metrics: dict | None = None) -> Path:
+    """`write_hf`, plus `ulmfit_tx.json`: a bundle that `read_bundle` (`load_classifier`) reads, and its model card
+    (README.md; `metrics`: a run's metrics.json, for the data, evaluation and training sections)."""
+    write_hf(model, tfm, task, folder)
+    meta = _meta(model, tfm, task)
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    (Path(folder) / "README.md").write_text(model_card(meta, metrics))
     return Path(folder)
 
 
-def export_bundle(model: SequenceClassifier, tfm: HFTokenizer, classes: list, path, force: bool = False) -> Path:
+CARD_METRICS = ("accuracy", "f1_macro", "f1_micro", "accuracy_multi", "rmse", "mae", "pearson", "spearman")
+
+
+def model_card(meta: dict, metrics: dict | None = None) -> str:
+    """A model card in Hugging Face's layout (YAML front matter, then description, use, labels, data, evaluation and
+    training): what the bundle is, from its `ulmfit_tx.json` and, when given, its run's metrics."""
+    m, kind = metrics or {}, meta.get("task", SINGLE)
+    tags = ["ulmfit_tx", "fastai", "text-classification", kind.replace("_", "-")]
+    front = ["---", "library_name: ulmfit_tx", "pipeline_tag: text-classification", "tags:"]
+    front += [f"- {t}" for t in tags] + ["---", ""]
+    names = ", ".join(f"`{c}`" for c in meta["classes"])
+    head = "ULMFiT's pooling" if meta["head"] == "pooling" else "its own"
+    what = {SINGLE: f"one of {names}", MULTI: f"any of {names}", REGRESSION: f"a number (`{meta['classes'][0]}`)"}
+    lines = [
+        "# Text classifier (ulmfit_tx)",
+        "",
+        f"A `{meta['model_type']}` encoder with {head} head, trained with ulmfit_tx "
+        f"{meta.get('ulmfit_tx_version', '')}: predicts {what[kind]} for a text"
+        + (f" (a class when its probability is at least {meta['threshold']})." if kind == MULTI else "."),
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from ulmfit_tx import load_classifier",
+        'load_classifier("THIS_FOLDER").predict_texts(["a text"])  # also: ulmfit-tx predict --model THIS_FOLDER',
+        "```",
+        "",
+        "Or, with `import ulmfit_tx` first for the pooling head: "
+        '`pipeline("text-classification", model="THIS_FOLDER", top_k=None)`.',
+        "",
+        "## Inputs",
+        "",
+        f"- up to {meta['max_len']} tokens a text ({meta['truncate']} kept)"
+        + (f", in up to {meta['chunks']} chunks" if meta.get("chunks", 1) > 1 else ""),
+        f"- task: {kind}; outputs: {names}",
+    ]
+    if m:
+        lines += ["", "## Training data", "", f"- {m.get('data', 'the training data')}: {m.get('n_train')} "
+                  f"training rows, {m.get('n_valid')} validation rows"]  # fmt: skip
+        scores = [(k, m[k]) for k in CARD_METRICS if isinstance(m.get(k), (int, float))]
+        lines += ["", "## Evaluation (validation rows)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in scores]
+        lines += ["", "## Training", ""] + [
+            f"- {k}: {m[k]}"
+            for k in ("schedule", "epochs_per_stage", "lr", "div", "bs", "precision", "keep")
+            if k in m
+        ]
+    return "\n".join(front + lines) + "\n"
+
+
+def export_bundle(model: SequenceClassifier, tfm: HFTokenizer, task: Task, path, force: bool = False) -> Path:
     "`write_bundle` into a new folder `path`, atomically (refused if it exists, unless `force`)."
     with atomic_dir(path, force) as tmp:
-        write_bundle(model, tfm, classes, tmp)
+        write_bundle(model, tfm, task, tmp)
     return Path(path)
 
 
@@ -194,10 +257,15 @@ def _read_tokenizer(p: Path, meta: dict, vocab_size: int | None = None) -> HFTok
     return tfm
 
 
-def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
-    """The classifier (eval mode), its tokenizer transform and its classes from a bundle folder, each file checked
-    against the others: a missing file, weights of another config, a tokenizer of another vocabulary or an unknown
-    format version is refused with what is wrong."""
+def task_meta(meta: dict) -> Task:
+    "The task a bundle's `ulmfit_tx.json` records (bundles written before tasks: single-label)."
+    return Task(meta.get("task", SINGLE), meta["classes"], meta.get("threshold", 0.5))
+
+
+def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, Task]:
+    """The classifier (eval mode), its tokenizer transform and its task (classes) from a bundle folder, each file
+    checked against the others: a missing file, weights of another config, a tokenizer of another vocabulary or an
+    unknown format version is refused with what is wrong."""
     p = Path(path)
     meta = _read_meta(p, "bundle")
     for f in ("config.json", WEIGHTS_FILE):
@@ -225,7 +293,7 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, list]:
         model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head, tfm.max_len if tfm.chunks > 1 else None)
     else:
         model = SequenceClassifier(hf, tfm.pad_id)
-    return model.eval(), tfm, meta["classes"]
+    return model.eval(), tfm, task_meta(meta)
 
 
 # Texts the exported graph is checked on: one of a few words, sentences, and one longer than any max_len (truncated)
@@ -305,31 +373,40 @@ class OnnxClassifier(nn.Module):
         return torch.from_numpy(self.session.run(None, {"ids": ids.cpu().long().numpy()})[0])  # (B, C)
 
 
-def _check_graph(m: SequenceClassifier, path: Path, tfm: HFTokenizer, texts: list[str]) -> tuple[float, float]:
-    """Probabilities of the ONNX model at `path` against PyTorch's on `texts`, in batches of other sizes and lengths
-    than the traced one (all texts together, then the first alone): the largest absolute difference and the share of
-    equal labels."""
+def _check_graph(
+    m: SequenceClassifier, path: Path, tfm: HFTokenizer, task: Task, texts: list[str]
+) -> tuple[float, float]:
+    """The outputs of the ONNX model at `path` against PyTorch's on `texts` (probabilities, or regression values
+    relative to their size), in batches of other sizes and lengths than the traced one (all texts together, then the
+    first alone): the largest difference and the share of equal labels (decisions at the threshold, multi_label)."""
     onnx_model, ids = OnnxClassifier(path), tfm.encode_batch(texts)
     diff, same = 0.0, []
     for batch in (pad_batch(ids, tfm.pad_id, tfm.pad_first), pad_batch(ids[:1], tfm.pad_id, tfm.pad_first)):
         with torch.inference_mode():
-            want = m(batch).float().softmax(-1)
+            want = task.activation(m(batch))
         try:
-            got = onnx_model(batch).softmax(-1)
+            got = task.activation(onnx_model(batch))
         except Exception as e:
             raise UlmfitError(
                 f"the exported graph does not run on a batch of shape {tuple(batch.shape)}: the exporter fixed "
                 f"a dimension to the traced example's ({str(e).splitlines()[0][:200]})"
             ) from None
-        diff, same = max(diff, (got - want).abs().max().item()), same + (got.argmax(1) == want.argmax(1)).tolist()
+        scale = want.abs().clamp(min=1) if task.kind == REGRESSION else 1
+        diff = max(diff, ((got - want).abs() / scale).max().item())
+        if task.kind == SINGLE:
+            same += (got.argmax(1) == want.argmax(1)).tolist()
+        elif task.kind == MULTI:
+            same += ((got >= task.threshold) == (want >= task.threshold)).all(1).tolist()
+        else:
+            same += ((got - want).abs() / scale <= 1e-3).all(1).tolist()
     return diff, sum(same) / len(same)
 
 
-def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, classes: list, stage: Path) -> list[Path]:
+def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, task: Task, stage: Path) -> list[Path]:
     """The bundle's files but the weights (config, tokenizer, `ulmfit_tx.json`), written into `stage` to be moved into
     `folder` beside an ONNX file, so that it is usable on its own. None when `folder` is the bundle's own; a folder
     with another model's `ulmfit_tx.json`, or with files of the same names, is refused."""
-    meta = _meta(model, tfm, classes)
+    meta = _meta(model, tfm, task)
     if is_bundle(folder):
         there = json.loads((folder / META_FILE).read_text())
         if there.get("weights_fingerprint") != meta["weights_fingerprint"]:
@@ -338,7 +415,7 @@ def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, cla
             )
         return []
     stage.mkdir()
-    _hf_form(model, tfm, classes)[0].save_pretrained(stage)
+    _hf_form(model, tfm, task)[0].save_pretrained(stage)
     tfm.tok.save_pretrained(stage)
     (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     clash = sorted(f.name for f in stage.iterdir() if (folder / f.name).exists())
@@ -350,7 +427,7 @@ def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, cla
 def export_onnx(
     model: SequenceClassifier,  # The classifier (`learn.model`)
     tfm: HFTokenizer,  # Its tokenizer transform (`learn.tokenizer`)
-    classes: list,  # Class names in the order of the model's outputs (`learn.dls.vocab`)
+    task: Task,  # What it predicts: kind, output names, threshold (`learn.task`)
     path,  # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
     int8: bool = False,  # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
     texts: list[str] | None = None,  # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
@@ -376,7 +453,7 @@ def export_onnx(
         raise UlmfitError(f"{path.parent}: no such folder")
     t0 = time.perf_counter()
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
-        beside = _stage_beside(path.parent, model, tfm, classes, Path(work) / "beside")
+        beside = _stage_beside(path.parent, model, tfm, task, Path(work) / "beside")
         m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
         example = pad_batch(
             tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first
@@ -403,10 +480,10 @@ def export_onnx(
 
             with _quiet():
                 quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-        diff, agree = _check_graph(m, tmp, tfm, texts or SAMPLE_TEXTS)
+        diff, agree = _check_graph(m, tmp, tfm, task, texts or SAMPLE_TEXTS)
         if not int8 and diff > 1e-4:
             raise UlmfitError(
-                f"the ONNX graph's probabilities differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
+                f"the ONNX graph's outputs differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
                 f"the sample texts: not written. Report the model type ({mt!r}) and onnxruntime {ort.__version__}"
             )
         for f in beside:
@@ -421,9 +498,9 @@ def export_onnx(
     }
 
 
-def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, list]:
+def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, Task]:
     """The ONNX classifier of a bundle (or of an ONNX file with its tokenizer and `ulmfit_tx.json` beside it), its
-    tokenizer transform and its classes. `path`: a folder (its `model.onnx`, or `model.int8.onnx` with `int8`) or a
+    tokenizer transform and its task. `path`: a folder (its `model.onnx`, or `model.int8.onnx` with `int8`) or a
     .onnx file."""
     p = Path(path)
     file, folder = (p, p.parent) if p.suffix == ".onnx" else (p / ONNX_FILES[int8], p)
@@ -441,4 +518,4 @@ def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, li
             hint = f"write it with: ulmfit-tx export-onnx --model {folder}{flag} (or learn.export_onnx)"
         raise UlmfitError(f"{folder}: no {file.name}; {hint}")
     tfm = _read_tokenizer(folder, meta)
-    return OnnxClassifier(file), tfm, meta["classes"]
+    return OnnxClassifier(file), tfm, task_meta(meta)

@@ -24,27 +24,32 @@ __all__ = [
     "read_corpus",
     "mark_unknown",
     "iter_chunks",
+    "label_columns",
+    "has_column",
     "atomic_dir",
     "atomic_file",
     "check_out_dir",
     "model_source",
 ]
 
-TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".tsv", ".tsv.gz")
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".tsv", ".tsv.gz", ".jsonl", ".jsonl.gz")
+JSONL = (".jsonl", ".jsonl.gz")  # one JSON object a line; a list value is a multi-label row's classes
 TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text corpora
 
 
 def read_table(path) -> pd.DataFrame:
-    "Read a CSV (optionally gzipped), TSV or parquet file into a DataFrame, keeping empty strings as text."
+    "Read a CSV (optionally gzipped), TSV, parquet or JSON-lines file into a DataFrame, keeping empty strings as text."
     path = Path(path)
     if not path.exists():
         raise UlmfitError(f"{path}: no such file")
     if path.is_dir():
-        raise UlmfitError(f"{path}: is a folder, expected a CSV or parquet file")
+        raise UlmfitError(f"{path}: is a folder, expected a CSV, parquet or JSON-lines file")
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
             df = pd.read_parquet(path)
+        elif name.endswith(JSONL):
+            df = pd.read_json(path, lines=True, dtype=False)
         elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
             df = _fields_checked(pd.read_csv(path, sep=_sep(name), keep_default_na=False), path)
         else:
@@ -197,6 +202,8 @@ def _table_columns(path: Path) -> list[str]:
             import pyarrow.parquet as pq
 
             cols = pd.Index(pq.ParquetFile(path).schema_arrow.names)
+        elif name.endswith(JSONL):
+            cols = next(pd.read_json(path, lines=True, dtype=False, chunksize=1)).columns
         else:
             cols = _fields_checked(
                 pd.read_csv(path, sep=_sep(name), nrows=1, dtype=str, keep_default_na=False), path
@@ -207,10 +214,9 @@ def _table_columns(path: Path) -> list[str]:
         raise UlmfitError(f"{path}: the file is empty") from None
     except Exception as e:
         raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-    dup = cols[cols.duplicated()] if name.endswith((".parquet", ".pq")) else cols[cols.str.contains(r"\.\d+$")]
-    dup = [
-        c for c in dup if name.endswith((".parquet", ".pq")) or c.rsplit(".", 1)[0] in cols
-    ]  # pandas renames x -> x.1
+    exact = name.endswith((".parquet", ".pq", *JSONL))  # (pandas renames a CSV's duplicate x to x.1)
+    dup = cols[cols.duplicated()] if exact else cols[cols.str.contains(r"\.\d+$")]
+    dup = [c for c in dup if exact or c.rsplit(".", 1)[0] in cols]
     if len(dup):
         raise UlmfitError(f"{path}: duplicate column names ({', '.join(map(str, dup))})")
     return list(cols)
@@ -234,11 +240,18 @@ def _fields_checked(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def _table_chunks(path: Path, cols: list[str], rows: int) -> Iterator[pd.DataFrame]:
-    """`cols` of a table file as strings, `rows` at a time: CSV/TSV with pandas' chunked reader, parquet by record
-    batch."""
+    """`cols` of a table file, `rows` at a time: CSV/TSV as strings with pandas' chunked reader, parquet by record
+    batch, JSON lines with pandas' chunked reader (values as strings, a missing one empty, lists kept)."""
     name = path.name.lower()
     try:
-        if name.endswith((".parquet", ".pq")):
+        if name.endswith(JSONL):
+            start = 0
+            for df in pd.read_json(path, lines=True, dtype=False, chunksize=rows):
+                df = df.reindex(columns=cols).map(_json_value)
+                df.index = range(start, start + len(df))
+                start += len(df)
+                yield df
+        elif name.endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
 
             start = 0
@@ -255,6 +268,13 @@ def _table_chunks(path: Path, cols: list[str], rows: int) -> Iterator[pd.DataFra
         raise
     except Exception as e:
         raise UlmfitError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _json_value(v):
+    "A JSON-lines value as the CSV reader gives it: a string ('' when missing), or a list (multi-label classes)."
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v]
+    return "" if v is None or (isinstance(v, float) and v != v) else str(v)
 
 
 def _folder_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
@@ -277,16 +297,16 @@ def _folder_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
 def iter_chunks(
     path,  # A table file, an IMDb-layout folder, or a .txt/.txt.gz corpus (file or folder)
     text_col: str = "text",  # Column with the texts
-    label_col: str | None = None,  # Column with the labels (read as strings), or None
+    label_col: str | list | None = None,  # Column(s) with the labels (read as strings), or None
     valid_col: str | None = None,  # Boolean column marking validation rows, read if the data has it
     docs: str = "lines",  # For a plain-text corpus: what a document is (see `iter_corpus`)
     rows: int = 20_000,  # Rows per chunk
     check: bool = True,  # Raise if `text_col` or `label_col` is missing
     unk: str | None = None,  # For a plain-text corpus: write WikiText's `<unk>` as this token
 ) -> Iterator[pd.DataFrame]:
-    """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `label`, `is_valid` when
-    read), indexed by row number: the file is never read whole. A folder in the IMDb layout gives `text, label,
-    is_valid` (True under test/ or valid/); a plain-text corpus gives `text`."""
+    """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `label`, or `label:<col>` for
+    several label columns, and `is_valid` when read), indexed by row number: the file is never read whole. A folder
+    in the IMDb layout gives `text, label, is_valid` (True under test/ or valid/); a plain-text corpus gives `text`."""
     p = Path(path)
     if not p.exists():
         raise UlmfitError(f"{path}: no such file or folder")
@@ -305,7 +325,8 @@ def iter_chunks(
             yield pd.DataFrame({"text": batch}, index=range(start, start + len(batch)))
         return
     have = _table_columns(p)
-    cols = [text_col] + ([label_col] if label_col else [])
+    lcols = label_columns(label_col)
+    cols = [text_col] + lcols
     if any(c not in have for c in cols):
         if not check:
             return
@@ -315,9 +336,25 @@ def iter_chunks(
         )
     if valid_col in have:
         cols.append(valid_col)
-    names = dict(zip(cols, ["text", "label" if label_col else "is_valid", "is_valid"]))
+    names = {text_col: "text", **dict(zip(lcols, ["label"] if len(lcols) == 1 else [f"label:{c}" for c in lcols]))}
+    names[valid_col] = "is_valid"
     for chunk in _table_chunks(p, cols, rows):
         yield chunk[cols].rename(columns=names)
+
+
+def label_columns(label_col) -> list:
+    "The label column(s) as a list: [] for None, [name] for one name, the names of a list."
+    if label_col is None:
+        return []
+    return [label_col] if isinstance(label_col, str) else list(label_col)
+
+
+def has_column(path, name: str) -> bool:
+    "Whether the data at `path` have a column `name`: a table file's header, or `label` of an IMDb-layout folder."
+    p = Path(path)
+    if p.is_dir():
+        return name == "label" and _is_class_folder(p)
+    return p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and name in _table_columns(p)
 
 
 def check_out_dir(out, force: bool = False) -> Path:

@@ -13,12 +13,9 @@ import torch
 from fastai.callback.core import TrainEvalCallback
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import Datasets
-from fastai.data.transforms import Categorize, ColReader
+from fastai.data.transforms import ColReader
 from fastai.learner import CastToTensor, Learner, Recorder
-from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import accuracy
 from fastai.torch_core import norm_types
-from fastcore.basics import noop
 from fastcore.foundation import L
 from torch import nn
 
@@ -46,6 +43,7 @@ from .optimizer import FusedAdamW
 from .precision import MixedPrecision, set_precision
 from .retrieval import Beta, Reindexer
 from .store import TokenStore
+from .tasks import MULTI, REGRESSION, SINGLE, Task, choose_threshold, class_weights, task_of, validation_report
 from .tokenize import HFTokenizer, find_tokenizer
 
 __all__ = [
@@ -122,45 +120,57 @@ class MLMLearner(HFLearner):
 
 
 class ClassifierLearner(HFLearner):
-    "Learner for text classification; `predict` and `predict_texts` take raw text."
+    """Learner for text classification (single-label, multi-label or regression: `learn.task`); `predict` and
+    `predict_texts` take raw text."""
 
-    def predict_texts(self, texts, bs: int = 64) -> pd.DataFrame:
-        """Labels and class probabilities of many texts (or of the documents of a `TokenStore` made with this model's
-        tokenizer): tokenized in one call, run in length-sorted batches, returned in input order."""
+    @property
+    def task(self) -> Task:
+        "What the classifier predicts: its kind, output names and (multi_label) decision threshold."
+        return task_of(self.dls, getattr(self.loss_func, "thresh", None))
+
+    @property
+    def threshold(self) -> float:
+        "multi_label: the probability at which a class is predicted (`predict`, `predict_texts`, the bundle)."
+        return self.task.threshold
+
+    @threshold.setter
+    def threshold(self, value: float):
+        if self.task.kind != MULTI:
+            raise UlmfitError(f"a decision threshold is for multi_label classifiers, not {self.task.kind}")
+        self.loss_func.thresh = Task(MULTI, self.task.classes, value).threshold  # (checked there)
+
+    def predict_texts(self, texts, bs: int = 64, delim: str = ";") -> pd.DataFrame:
+        """Predictions of many texts (or of the documents of a `TokenStore` made with this model's tokenizer):
+        tokenized in one call, run in length-sorted batches, returned in input order. Columns by task: `label` and
+        `prob_<class>`; `labels` (joined by `delim`) and `prob_<class>`; or `prediction`."""
         tfm = self.tokenizer
         if isinstance(texts, TokenStore):
             texts.check_tokenizer(tfm)
             ids = [tfm.wrap(texts.doc(i)) for i in range(len(texts))]
         else:
             ids = tfm.encode_batch(texts.tolist() if isinstance(texts, pd.Series) else list(texts))
-        probs = self._probs(ids, bs)
-        vocab, p = list(self.dls.vocab), probs.numpy()
-        return pd.DataFrame(
-            {
-                "label": np.array(vocab, dtype=object)[p.argmax(1)],
-                **{f"prob_{c}": p[:, i] for i, c in enumerate(vocab)},
-            }
-        )
+        return self.task.table(self._probs(ids, bs).float().numpy(), delim)
 
     def _probs(self, ids: list, bs: int) -> torch.Tensor:
-        """Class probabilities of token id sequences, in input order: `get_preds` on a length-sorted `test_dl`. A
-        learner with only fastai's default callbacks (as `load_classifier` builds) and `MixedPrecision` runs the
-        same length-sorted batches without fastai's DataLoader and events, which cost as much as a short text's
-        forward pass."""
+        """The task's outputs (class probabilities, or regression values) of token id sequences, in input order:
+        `get_preds` on a length-sorted `test_dl`. A learner with only fastai's default callbacks (as `load_classifier`
+        builds) and `MixedPrecision` runs the same length-sorted batches without fastai's DataLoader and events, which
+        cost as much as a short text's forward pass."""
+        task = self.task
         if not len(ids):
-            return torch.empty(0, len(self.dls.vocab))
+            return torch.empty(0, task.n_out)
         if any(
             type(cb) not in (TrainEvalCallback, Recorder, CastToTensor, ProgressCallback, MixedPrecision)
             for cb in self.cbs
         ):
             return self.get_preds(dl=self.dls.test_dl(ids, bs=bs, val_res=[len(o) for o in ids]))[0]
-        act, tfm = getattr(self.loss_func, "activation", noop), self.tokenizer
+        tfm = self.tokenizer
         order = np.argsort([-len(o) for o in ids], kind="stable")  # longest first, as `TokenSortedDL`
         self.model.eval()
         with torch.inference_mode():
             preds = torch.cat(
                 [
-                    act(
+                    task.activation(
                         self.model(
                             pad_batch([ids[i] for i in order[k : k + bs]], tfm.pad_id, tfm.pad_first).to(
                                 self.dls.device
@@ -172,21 +182,34 @@ class ClassifierLearner(HFLearner):
             )
         return preds[torch.as_tensor(order).argsort()]  # back in input order
 
+    def validation_report(self, tune_threshold: bool = False, outputs: tuple | None = None) -> dict:
+        """`tasks.validation_report` of the current weights on the validation set (per-class precision, recall and F1,
+        macro F1, confusion counts; regression errors and correlations), from `outputs` (activated outputs and
+        targets, e.g. of a `ValidationOutputs` callback) or one prediction pass. With `tune_threshold` (multi_label)
+        the decision threshold is first set to the one with the best micro F1 there (`tasks.choose_threshold`)."""
+        if outputs is None:
+            out, targets = self.get_preds(ds_idx=1)  # activated: probabilities, or regression values
+            outputs = out.float().numpy(), targets.numpy()
+        out, targets = outputs
+        if tune_threshold and self.task.kind == MULTI:
+            self.threshold = choose_threshold(out, targets)
+        return validation_report(self.task, out, targets)
+
     def export_bundle(self, path, force: bool = False) -> Path:
         """The classifier as a bundle folder that `load_classifier` reads without unpickling anything (config, weights
         in safetensors, tokenizer, `ulmfit_tx.json`); `export()` stays for fastai's `load_learner`."""
-        return export_bundle(self.model, self.tokenizer, list(self.dls.vocab), path, force)
+        return export_bundle(self.model, self.tokenizer, self.task, path, force)
 
     def export_onnx(self, path, int8: bool = False, texts: list[str] | None = None, force: bool = False) -> dict:
         """The classifier as an ONNX file at `path` (int8: quantized weights) with the tokenizer and `ulmfit_tx.json`
         beside it, checked against PyTorch on `texts`; `load_classifier(folder, backend="onnx")` serves it. See
         `ulmfit_tx.export.export_onnx`."""
-        return export_onnx(self.model, self.tokenizer, list(self.dls.vocab), path, int8, texts, force)
+        return export_onnx(self.model, self.tokenizer, self.task, path, int8, texts, force)
 
     def write_pretrained(self, folder, model=None) -> Path:
         """Write the classifier into `folder` as a Hugging Face folder for `AutoModelForSequenceClassification` and
         `pipeline("text-classification")` (the pooling head as `PoolingForSequenceClassification`)."""
-        return write_hf(self.model if model is None else model, self.tokenizer, list(self.dls.vocab), folder)
+        return write_hf(self.model if model is None else model, self.tokenizer, self.task, folder)
 
 
 class MargeLearner(HFLearner):
@@ -228,20 +251,21 @@ def load_classifier(
         raise UlmfitError(f"backend must be 'torch' or 'onnx', not {backend!r}")
     if int8 and backend != "onnx":
         raise UlmfitError("int8 is a property of the ONNX graph: use backend='onnx'")
-    model, tfm, classes = read_bundle(path) if backend == "torch" else read_onnx(path, int8)
+    model, tfm, task = read_bundle(path) if backend == "torch" else read_onnx(path, int8)
     if backend == "onnx":
         device = "cpu"
     tfm.text_col = "text"  # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
-    row = pd.DataFrame({"text": [""], "label": [classes[0]]})
-    dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), Categorize(vocab=classes, sort=False)]], splits=[[0], [0]])
+    label = {SINGLE: task.classes[0], MULTI: [task.classes[0]], REGRESSION: 0.0}[task.kind]
+    row = pd.DataFrame({"text": [""], "label": [label]})
+    dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), *task.target_tfms()]], splits=[[0], [0]])
     dls = dsets.dataloaders(
         bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first), device=device
     ).new_empty()
     learn = ClassifierLearner(
         dls,
         model,
-        loss_func=CrossEntropyLossFlat(),
-        metrics=accuracy,
+        loss_func=task.loss_func(),
+        metrics=task.metrics(),
         cbs=_callbacks(dls, model, None) if backend == "torch" else None,
     )
     learn.model.eval()
@@ -299,7 +323,9 @@ def classifier_learner(
     head: str = "pooling",  # 'pooling': ULMFiT's concat-pooling head; 'native': the architecture's own head
     precision: str = "auto",  # 'auto' (`default_precision` of the data's device), 'fp32', 'fp16' or 'bf16'
     splitter=clas_splitter,  # Parameter groups: embeddings, each layer, head
-    metrics=accuracy,  # fastai metrics
+    metrics=None,  # fastai metrics (default: the task's, `Task.metrics`; single-label: accuracy)
+    class_weights=None,  # Loss weights: "balanced", a {class: weight} dict, or a JSON/CSV file of them
+    threshold: float = 0.5,  # multi_label: the probability at which a class is predicted
     opt_func=FusedAdamW,  # fastai optimizer; the default is fastai's AdamW on torch's fused kernel
     wd: float = 0.01,  # AdamW weight decay (never on biases and LayerNorm weights)
     lin_ftrs: list | None = None,  # Pooling head: hidden layer sizes (default [50])
@@ -310,24 +336,29 @@ def classifier_learner(
     **kwargs,  # Passed to `Learner`
 ) -> ClassifierLearner:
     """A fastai Learner that classifies texts with a transformer encoder, ready for `fit_ulmfit`, or for
-    `fit_one_cycle` (head only while frozen; call `learn.unfreeze()` to train every layer)."""
-    tfm = find_tokenizer(dls)
+    `fit_one_cycle` (head only while frozen; call `learn.unfreeze()` to train every layer). The task (single-label,
+    multi-label or regression) comes from the data's targets; it picks the loss, the metrics and the outputs."""
+    tfm, task = find_tokenizer(dls), task_of(dls)
+    if task.kind == MULTI:
+        task.threshold = Task(MULTI, task.classes, threshold).threshold  # (checked there)
     chunk_len = tfm.max_len if tfm.chunks > 1 else None  # chunk-and-pool when the data are chunked
     if not isinstance(model, SequenceClassifier):
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
-        model = classifier_model(model, tfm.tok, len(dls.vocab), head, dls.vocab, chunk_len, **head_kw)
+        model = classifier_model(model, tfm.tok, task.n_out, head, task.classes, chunk_len, **head_kw)
     elif model.chunk_len != chunk_len:
         raise UlmfitError(
             f"the model reads chunks of {model.chunk_len} tokens but the data are chunks of {chunk_len} "
             "(None: one sequence); build both with the same max_len and chunks"
         )
     _check_len(tfm, model)
+    weights = None if class_weights is None else class_weights_of(dls, task, class_weights)
     learn = ClassifierLearner(
         dls,
         model,
+        loss_func=task.loss_func(weights),
         opt_func=opt_func,
         splitter=splitter,
-        metrics=metrics,
+        metrics=task.metrics(f1=False) if metrics is None else metrics,
         wd=wd,
         wd_bn_bias=False,
         train_bn=False,
@@ -337,6 +368,13 @@ def classifier_learner(
     if freeze:
         learn.freeze()
     return set_precision(learn, precision)
+
+
+def class_weights_of(dls, task: Task, spec) -> torch.Tensor:
+    "`tasks.class_weights` of `spec` over the training targets of `dls`, on their device."
+    targets = dls.train_ds.tls[-1]  # the target pipeline alone: texts are not read
+    y = np.stack([np.asarray(targets[i]) for i in range(len(targets))])
+    return class_weights(spec, task, y).to(dls.device)
 
 
 def marge_learner(

@@ -295,8 +295,15 @@ class PoolingForSequenceClassification(PreTrainedModel):
     ) -> SequenceClassifierOutput:
         mask = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()  # (B, L)
         logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)  # (B, C)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=None if labels is None else self._loss(logits, labels), logits=logits)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        "The loss of `config.problem_type`, as Hugging Face's own heads compute it."
+        if self.config.problem_type == "regression":
+            return nn.functional.mse_loss(logits.squeeze(-1), labels.float().view(-1))
+        if self.config.problem_type == "multi_label_classification":
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return nn.functional.cross_entropy(logits, labels)
 
 
 AutoConfig.register(PoolingClassifierConfig.model_type, PoolingClassifierConfig, exist_ok=True)

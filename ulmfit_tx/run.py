@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from fastai.torch_core import num_distrib, set_seed
 
 from . import plots
-from .checkpoint import CKPT, CheckpointCallback
+from .checkpoint import CKPT, CheckpointCallback, KeepBest
 from .distributed import is_rank0, rank0_only
 from .errors import UlmfitError
 from .export import write_bundle
@@ -75,14 +75,17 @@ class Run:
         "The callbacks the run's learner needs: `LossHistory` (losses and timings) and the `CheckpointCallback`."
         return [self.history, self.checkpoint]
 
-    def fit(self, learn: Learner, stages: list[Stage]) -> list:
+    def fit(self, learn: Learner, stages: list[Stage], keep_best: KeepBest | None = None) -> list:
         """`fit_stages` in one process, or under a distributed launcher (torchrun) on every process with fastai's
-        `distrib_ctx` (data sharded by batches, metrics over all ranks' rows). Returns the validation values of the
-        final weights (loss, then the metrics): the last epoch's, or a `validate`'s when no epoch ran (a resumed run
+        `distrib_ctx` (data sharded by batches, metrics over all ranks' rows); with `keep_best`, the final stage ends
+        on its best epoch's weights. Returns the validation values of the final weights (loss, then the metrics in the
+        order of `learn.metrics`): the last (or best) epoch's, or a `validate`'s when no epoch ran (a resumed run
         whose checkpoint was taken after the last stage)."""
         with learn.distrib_ctx() if num_distrib() > 1 else nullcontext():
-            fit_stages(learn, stages)
+            fit_stages(learn, stages, final_cbs=keep_best)
             values = getattr(learn.recorder, "values", None)  # (set by the fit's first epoch)
+            if keep_best is not None and keep_best.values is not None:
+                values = [[None, *keep_best.values]]
             return list(values[-1][1:]) if values else learn.validate()
 
     def stats(self, learn: Learner, samples: int) -> dict:
@@ -132,8 +135,9 @@ class Run:
 
     def save_classifier(self, learn: Learner, metrics: dict, hf: bool = False) -> Path:
         """`out` as a classifier: the bundle `predict` and `load_classifier` read, export.pkl for fastai's
-        `load_learner`, metrics.json, loss.png, confusion_matrix.png (with a `ConfusionCounts` callback on `learn`),
-        and with `hf` a Hugging Face folder `hf/`."""
+        `load_learner`, metrics.json, loss.png, confusion_matrix.png (single-label: from `metrics["report"]`, see
+        `learn.validation_report`, or a `ConfusionCounts` callback on `learn`), the model card, and with `hf` a
+        Hugging Face folder `hf/`."""
         with self.outputs() as tmp:
             if tmp is not None:
                 self._write_classifier(learn, metrics, tmp, hf)
@@ -145,11 +149,13 @@ class Run:
             learn.export("export.pkl")
         finally:
             learn.path = path
-        write_bundle(learn.model, learn.tokenizer, list(learn.dls.vocab), tmp)
+        write_bundle(learn.model, learn.tokenizer, learn.task, tmp, metrics)
         write_json(tmp / "metrics.json", metrics)
         plots.plot_losses(self.history, tmp / "loss.png")
-        counts = [cb for cb in learn.cbs if isinstance(cb, plots.ConfusionCounts)]
-        if counts:
-            plots.plot_confusion_matrix(counts[0].counts, learn.dls.vocab, tmp / "confusion_matrix.png")
+        confusion = metrics.get("report", {}).get("confusion")
+        counts = [cb.counts for cb in learn.cbs if isinstance(cb, plots.ConfusionCounts)]
+        if isinstance(confusion, list) or counts:  # single-label: the matrix
+            cm = confusion if isinstance(confusion, list) else counts[0]
+            plots.plot_confusion_matrix(cm, learn.task.classes, tmp / "confusion_matrix.png")
         if hf:
             learn.write_pretrained(tmp / "hf")

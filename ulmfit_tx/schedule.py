@@ -10,6 +10,7 @@ import fastai.callback.schedule  # noqa: F401 (patches fit_one_cycle onto Learne
 import numpy as np
 from fastai.learner import Learner
 from fastcore.basics import patch
+from fastcore.foundation import L
 
 from .checkpoint import CheckpointCallback, Position
 from .errors import UlmfitError
@@ -64,12 +65,14 @@ def ulmfit_stages(
     return [Stage(n, e, lr / stage_div**i, div) for i, (n, e) in enumerate(zip(depths, epochs))]
 
 
-def fit_stages(learn: Learner, stages: list[Stage], **kwargs) -> Learner:
-    """Run `stages` one after the other (freeze to the stage's depth, then `fit_one_cycle`). With a
-    `CheckpointCallback` that loaded a checkpoint (`resume=True`), the stages already done are skipped and the
-    interrupted one continues from its epoch and step with the saved weights, optimizer and random states."""
+def fit_stages(learn: Learner, stages: list[Stage], final_cbs=None, **kwargs) -> Learner:
+    """Run `stages` one after the other (freeze to the stage's depth, then `fit_one_cycle`; `final_cbs`: callbacks of
+    the last stage's fit only, e.g. `KeepBest`). With a `CheckpointCallback` that loaded a checkpoint (`resume=True`),
+    the stages already done are skipped and the interrupted one continues from its epoch and step with the saved
+    weights, optimizer and random states."""
     ckpt = next((cb for cb in learn.cbs if isinstance(cb, CheckpointCallback)), None)
     start = ckpt.position if ckpt is not None and ckpt.loaded is not None else Position()
+    user_cbs = kwargs.pop("cbs", None)
     try:
         for i, st in enumerate(stages):
             if i < start.stage:
@@ -83,7 +86,8 @@ def fit_stages(learn: Learner, stages: list[Stage], **kwargs) -> Learner:
                 if i == start.stage and ckpt.loaded is not None:
                     ckpt.restore(learn)
             lr = st.lr if st.div is None else ulmfit_lrs(learn, st.lr, st.div)
-            learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, **kwargs)
+            cbs = user_cbs if i < len(stages) - 1 else L(user_cbs) + L(final_cbs)
+            learn.fit_one_cycle(st.epochs, lr, start_epoch=start.epoch if i == start.stage else 0, cbs=cbs, **kwargs)
     finally:
         if ckpt is not None:
             ckpt.release_signals()  # also when a stage raised

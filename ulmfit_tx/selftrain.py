@@ -18,6 +18,7 @@ from fastcore.basics import patch
 from .batching import PadTokens, TokenSortedDL
 from .errors import UlmfitError
 from .schedule import LAYER_DIV, ulmfit_lrs
+from .tasks import SINGLE, task_of
 from .tokenize import IDS_COL
 
 __all__ = ["pseudo_labels", "pseudo_labelled_dls", "self_train"]
@@ -38,6 +39,10 @@ def pseudo_labels(
     texts' model inputs, so training does not tokenize them again."""
     if not 0 < threshold < 1:
         raise UlmfitError(f"threshold must be between 0 and 1 (a class probability), not {threshold}")
+    if task_of(learn.dls).kind != SINGLE:
+        raise UlmfitError(
+            f"self-training pseudo-labels one class a text: a single_label task, not {task_of(learn.dls).kind}"
+        )
     texts = pd.Series(list(texts), dtype=object)
     if texts.empty:
         raise UlmfitError("no unlabelled texts to pseudo-label")

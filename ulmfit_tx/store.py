@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UlmfitError, check_label_values, check_texts, valid_mask
-from .io import DOCS, atomic_dir, iter_chunks
+from .errors import UlmfitError, check_texts, valid_mask
+from .io import DOCS, atomic_dir, iter_chunks, label_columns
+from .tasks import MULTI, REGRESSION, SINGLE, infer_task, label_values
 from .tokenize import HFTokenizer
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 FILES = {"ids": "ids.bin", "offsets": "offsets.bin", "labels": "labels.bin", "valid": "valid.bin"}
+LABEL_DTYPES = {SINGLE: np.int32, MULTI: np.int32, REGRESSION: np.float32}  # as written while streaming
 
 
 def tokenizer_fingerprint(tfm: HFTokenizer) -> str:
@@ -120,7 +122,11 @@ class TokenStore:
         m = self.meta
         self.ids = self._map("ids", m["dtype"], m["n_tokens"])  # (n_tokens,) every document's ids, in order
         self.offsets = self._map("offsets", np.int64, m["n_docs"] + 1)  # (n_docs + 1,) where each document starts
-        self.labels = self._map("labels", np.int32, m["n_docs"]) if m["classes"] is not None else None
+        n, task = m["n_docs"], self.task
+        if task == MULTI:  # (n_docs, n_classes) multi-hot
+            self.labels = self._map("labels", np.uint8, n * len(m["classes"])).reshape(n, len(m["classes"]))
+        else:  # (n_docs,) class ids, or regression targets
+            self.labels = None if task is None else self._map("labels", LABEL_DTYPES[task], n)
         self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
         self._reads = 0
 
@@ -132,7 +138,13 @@ class TokenStore:
 
     @property
     def classes(self) -> list | None:
+        "Class names in label-id order (None: no labels, or a regression target)."
         return self.meta["classes"]
+
+    @property
+    def task(self) -> str | None:
+        "single_label, multi_label or regression: what the stored labels are (None: no labels)."
+        return self.meta.get("task", SINGLE if self.meta["classes"] is not None else None)
 
     def doc(self, i: int) -> np.ndarray:
         "Token ids of document `i` (a view of the map)."
@@ -196,8 +208,12 @@ def build_store(
     tokenizer,  # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
     out,  # The store folder to write (written to a temporary folder, then renamed)
     text_col: str = "text",  # Column with the texts
-    label_col: str | None = None,  # Column with the labels (stored as ids into the sorted class names), or None
+    label_col: str | list | None = None,  # Label column (stored as ids into the sorted class names); several: 0/1
+    # columns of a multi_label task, one per class; None: no labels
     valid_col: str | None = None,  # Boolean column marking validation rows, stored when the data has it
+    task: str | None = None,  # single_label, multi_label or regression (default: `infer_task` from the label options)
+    label_delim: str | None = None,  # multi_label from one column: the separator of its class names (e.g. ";")
+    classes: list | None = None,  # The classes, in output order: a label outside them is refused (default: as found)
     docs: str = "lines",  # For a plain-text corpus: a document is a line, a file, or a WikiText article
     unk: str | None = None,  # For a plain-text corpus: write WikiText's `<unk>` as this token (the tokenizer's)
     max_docs: int | None = None,  # Read only the first `max_docs` documents
@@ -207,23 +223,30 @@ def build_store(
 ) -> TokenStore:
     """Tokenize `source` into a token store at `out`, streaming: chunks of `chunk_rows` documents are read,
     encoded in one parallel call of the fast tokenizer and appended to the flat id file. Blank texts and
-    missing labels are refused with the rows named; nothing is left at `out` on failure."""
+    missing labels are refused with the rows named; nothing is left at `out` on failure. Labels are stored by task:
+    class ids, a multi-hot matrix (documents x classes) or float targets."""
+    lcols = label_columns(label_col)
+    if text_col in lcols:
+        raise UlmfitError(f"the label column cannot be the text column ({text_col!r})")
+    task = infer_task(task, lcols, label_delim) if lcols else None
     tfm = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
     vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     if isinstance(source, (str, os.PathLike)):
         if docs not in DOCS:
             raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
-        chunks, name = iter_chunks(source, text_col, label_col, valid_col, docs, chunk_rows, unk=unk), str(source)
+        chunks, name = iter_chunks(source, text_col, lcols or None, valid_col, docs, chunk_rows, unk=unk), str(source)
     else:
         df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
         chunks = (
-            _df_chunk(df.iloc[i : i + chunk_rows], text_col, label_col, valid_col)
+            _df_chunk(df.iloc[i : i + chunk_rows], text_col, lcols, valid_col)
             for i in range(0, max(len(df), 1), chunk_rows)
         )
         name = f"DataFrame with {len(df):,} rows"
     bar = _Progress(f"tokenizing {Path(name).name if isinstance(source, (str, os.PathLike)) else name}", progress)
-    classes: dict[str, int] = {}
+    found: dict[str, int] = {
+        str(c): i for i, c in enumerate(classes or (lcols if task == MULTI and len(lcols) > 1 else []))
+    }
     n_docs = n_tokens = 0
     has_valid = False
     with atomic_dir(out, force) as tmp:
@@ -231,6 +254,7 @@ def build_store(
             open(tmp / FILES["ids"], "wb") as f_ids,
             open(tmp / FILES["offsets"], "wb") as f_off,
             open(tmp / FILES["labels"], "wb") as f_lab,
+            open(tmp / "label_counts.bin", "wb") as f_cnt,
             open(tmp / FILES["valid"], "wb") as f_val,
         ):
             f_off.write(np.zeros(1, np.int64).tobytes())
@@ -242,18 +266,12 @@ def build_store(
                 if len(chunk) == 0:
                     continue
                 check_texts(chunk, "text", name, shown=text_col)
-                if label_col is not None:
-                    check_label_values(chunk, "label", name, shown=label_col)
+                if task is not None:
+                    _write_labels(chunk, task, lcols, label_delim, name, classes, found, f_lab, f_cnt)
                 ids = list(tfm.token_ids(chunk["text"].tolist(), chunk=len(chunk)))  # one call of the fast tokenizer
                 lens = np.fromiter(map(len, ids), np.int64, len(ids))
                 f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum())).tobytes())
                 f_off.write((n_tokens + np.cumsum(lens)).tobytes())
-                if label_col is not None:
-                    f_lab.write(
-                        np.array(
-                            [classes.setdefault(str(v), len(classes)) for v in chunk["label"]], np.int32
-                        ).tobytes()
-                    )
                 if "is_valid" in chunk:
                     has_valid = True
                     f_val.write(valid_mask(chunk, "is_valid").to_numpy(bool).tobytes())
@@ -262,15 +280,10 @@ def build_store(
         bar.update(0, final=True)
         if n_docs == 0:
             raise UlmfitError(f"{name}: no documents (a header but no rows, or only blank lines)")
-        order = None
-        if label_col is not None:
-            order = _label_order(list(classes))
-            remap = np.array([order.index(type(order[0])(k)) for k in classes], np.int32)
-            lab = np.memmap(tmp / FILES["labels"], dtype=np.int32, mode="r+", shape=(n_docs,))
-            lab[:] = remap[lab]
-            lab.flush()
-            del lab
-        else:
+        fixed = classes is not None or (task == MULTI and len(lcols) > 1)  # else sorted as fastai sorts
+        order = _finish_labels(tmp, task, found, fixed, n_docs)
+        (tmp / "label_counts.bin").unlink()
+        if task is None:
             (tmp / FILES["labels"]).unlink()
         if not has_valid:
             (tmp / FILES["valid"]).unlink()
@@ -279,7 +292,9 @@ def build_store(
             "dtype": np.dtype(dtype).name,
             "n_docs": n_docs,
             "n_tokens": n_tokens,
+            "task": task,
             "classes": order,
+            "label_delim": label_delim,
             "has_valid": has_valid,
             "tokenizer": {
                 "fingerprint": tokenizer_fingerprint(tfm),
@@ -290,7 +305,7 @@ def build_store(
                 "name": name,
                 "fingerprint": source_fingerprint(source),
                 "text_col": text_col,
-                "label_col": label_col,
+                "label_col": lcols[0] if len(lcols) == 1 else (lcols or None),
                 "valid_col": valid_col,
                 "docs": docs,
                 "unk": unk,
@@ -301,14 +316,47 @@ def build_store(
     return TokenStore(out)
 
 
-def _df_chunk(df: pd.DataFrame, text_col: str, label_col: str | None, valid_col: str | None) -> pd.DataFrame:
-    "A slice of a DataFrame with columns `text` (and `label`, `is_valid`), as `iter_chunks` gives them."
+def _write_labels(chunk, task, lcols, delim, name, classes, found: dict, f_lab, f_cnt):
+    """Append a chunk's labels while streaming: class ids in order of discovery (`found`, updated), for multi_label
+    each row's ids with their count in `f_cnt`; regression targets as float32."""
+    cols = ["label"] if len(lcols) == 1 else [f"label:{c}" for c in lcols]
+    vals = label_values(chunk.rename(columns=dict(zip(cols, lcols))), task, lcols, delim, name, classes)
+    if task == REGRESSION:
+        f_lab.write(np.asarray(vals, np.float32).tobytes())
+    elif task == SINGLE:
+        f_lab.write(np.array([found.setdefault(v, len(found)) for v in vals], np.int32).tobytes())
+    else:
+        f_lab.write(np.array([found.setdefault(v, len(found)) for row in vals for v in row], np.int32).tobytes())
+        f_cnt.write(np.array([len(row) for row in vals], np.int32).tobytes())
+
+
+def _finish_labels(tmp: Path, task, found: dict, fixed: bool, n_docs: int) -> list | None:
+    """Put the streamed class ids in output order (the given classes, the 0/1 columns' order, or sorted as fastai's
+    `Categorize` sorts), multi_label rows as a multi-hot matrix; returns the class names in that order."""
+    if task in (None, REGRESSION):
+        return None
+    order = list(found) if fixed else _label_order(list(found))
+    remap = np.array([[str(o) for o in order].index(k) for k in found], np.int32)
+    ids = np.fromfile(tmp / FILES["labels"], np.int32)
+    if task == SINGLE:
+        remap[ids].tofile(tmp / FILES["labels"])
+    else:
+        counts = np.fromfile(tmp / "label_counts.bin", np.int32)
+        hot = np.zeros((n_docs, len(order)), np.uint8)
+        hot[np.repeat(np.arange(n_docs), counts), remap[ids]] = 1
+        hot.tofile(tmp / FILES["labels"])
+    return order
+
+
+def _df_chunk(df: pd.DataFrame, text_col: str, label_cols: list, valid_col: str | None) -> pd.DataFrame:
+    "A slice of a DataFrame with columns `text` (and `label` or `label:<col>`, `is_valid`), as `iter_chunks` gives."
     from .errors import check_columns
 
-    check_columns(df, [text_col] + ([label_col] if label_col else []))
+    check_columns(df, [text_col] + label_cols)
+    names = ["label"] if len(label_cols) == 1 else [f"label:{c}" for c in label_cols]
     cols = {
         text_col: "text",
-        **({label_col: "label"} if label_col else {}),
+        **dict(zip(label_cols, names)),
         **({valid_col: "is_valid"} if valid_col and valid_col in df else {}),
     }
     return df[list(cols)].rename(columns=cols)

@@ -11,6 +11,8 @@ __all__ = [
     "add_data",
     "add_docs",
     "add_classifier_data",
+    "add_labels",
+    "label_options",
     "classifier_data",
     "add_self_training",
     "add_output",
@@ -21,7 +23,10 @@ __all__ = [
     "start_run",
 ]
 
-DATA_FORMS = "CSV (.csv, .csv.gz), TSV or parquet file, .txt/.txt.gz corpus, or a token store (tokenize)"
+DATA_FORMS = (
+    "CSV (.csv, .csv.gz), TSV, parquet or JSON-lines (.jsonl, .jsonl.gz) file, .txt/.txt.gz corpus, or a token "
+    "store (tokenize)"
+)
 
 
 def add_model(p: argparse.ArgumentParser, help: str = "model folder (save_pretrained layout) or hub name"):
@@ -83,18 +88,47 @@ def add_classifier_data(p):
     )
 
 
+def add_labels(p: argparse.ArgumentParser):
+    "--task, --label-delim and --classes: what the label column(s) hold (with --label-col of `add_data`)."
+    p.add_argument(
+        "--task",
+        choices=["single_label", "multi_label", "regression"],
+        help="what to predict: one class a text, any set of classes, or a number (default: multi_label for several "
+        "--label-col columns or a --label-delim, else single_label)",
+    )
+    p.add_argument(
+        "--label-delim",
+        help="multi_label from one column: the separator between a text's class names (e.g. ';'); "
+        "or give several 0/1 columns as --label-col a,b,c",
+    )
+    p.add_argument("--classes", help="the classes, comma-separated, in output order: any other label is refused")
+
+
+def label_options(a: argparse.Namespace) -> dict:
+    "The label options as `clas_dataloaders` / `build_store` arguments (label_col, task, label_delim, classes)."
+    cols = [c.strip() for c in a.label_col.split(",")] if a.label_col else []
+    return dict(
+        label_col=cols[0] if len(cols) == 1 else (cols or None),
+        task=a.task,
+        label_delim=a.label_delim,
+        classes=[c.strip() for c in a.classes.split(",")] if a.classes else None,
+    )
+
+
 def classifier_data(a: argparse.Namespace):
     "The classifier DataLoaders the data options describe; sets `a.max_len` to the model's default when not given."
     from ..data import clas_dataloaders
     from ..models import default_clf_max_len
 
     a.max_len = a.max_len or default_clf_max_len(a.model)
+    labels = label_options(a)
     return clas_dataloaders(
         a.data,
         a.model,
         a.text_col,
-        a.label_col,
+        labels.pop("label_col"),
         a.valid_col,
+        **labels,
         seed=a.seed,
         max_len=a.max_len,
         truncate=a.truncate,

@@ -1,6 +1,15 @@
 "`ulmfit-tx lr-find`: fastai's learning-rate finder on a classifier or MLM learner, with its plot."
 
-from ._options import add_classifier_data, add_data, add_model, add_output, add_training, check_args, classifier_data
+from ._options import (
+    add_classifier_data,
+    add_data,
+    add_labels,
+    add_model,
+    add_output,
+    add_training,
+    check_args,
+    classifier_data,
+)
 
 HELP = "fastai's learning-rate finder: suggestions and a PNG plot"
 
@@ -8,10 +17,11 @@ HELP = "fastai's learning-rate finder: suggestions and a PNG plot"
 def add_arguments(p):
     add_model(p)
     add_data(p, labels=True)
+    add_labels(p)
     add_output(p)
     add_classifier_data(p)
     add_training(p, fit=False)
-    p.add_argument("--task", default="clf", choices=["clf", "mlm"])
+    p.add_argument("--learner", default="clf", choices=["clf", "mlm"], help="a classifier, or a masked LM")
 
 
 def run(a) -> dict:
@@ -24,7 +34,7 @@ def run(a) -> dict:
     check_args(a)
     check_out_dir(a.out, a.force)
     set_seed(a.seed, reproducible=True)
-    if a.task == "mlm":
+    if a.learner == "mlm":
         from ..learner import mlm_learner
         from ..mlm import mlm_dataloaders
 
