@@ -125,6 +125,8 @@ def run(a) -> dict:
             tune_threshold=task.kind == MULTI and a.threshold is None,
             outputs=(outputs.outputs, outputs.targets) if fresh else None,
         )
+    if task.kind == MULTI:  # the epochs' values are at 0.5; the model decides at its threshold
+        values |= {k: report[k] for k in ("accuracy_multi", "f1_micro", "f1_macro")}
     metrics = dict(
         **values,
         task=task.kind,
