@@ -30,7 +30,7 @@ def test_speed_benchmark_smoke(tmp_path):
         [
             ROOT / "bench" / "speed.py",
             "--lengths",
-            "32,48",
+            "48",
             "--tokens",
             256,
             "--bs",
@@ -55,7 +55,7 @@ def test_speed_benchmark_smoke(tmp_path):
         tmp_path,
     )
     res = json.loads((tmp_path / "cpu.json").read_text())["results"]
-    assert set(res) == {"32", "48", "serve"}
+    assert set(res) == {"48", "serve"}  # one length: each case is a fresh process (CI time)
     serve = res.pop("serve")  # 4. deployment: the four ways, same reviews
     for side in ("serve_torch", "serve_onnx", "serve_int8", "serve_pipeline"):
         assert serve[side]["samples_per_s"] > 0 and 0 < serve[side]["p50_ms"] <= serve[side]["p95_ms"]
