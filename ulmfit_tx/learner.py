@@ -340,7 +340,7 @@ def classifier_learner(
     multi-label or regression) comes from the data's targets; it picks the loss, the metrics and the outputs."""
     tfm, task = find_tokenizer(dls), task_of(dls)
     if task.kind == MULTI:
-        task.threshold = Task(MULTI, task.classes, threshold).threshold  # (checked there)
+        task = Task(MULTI, task.classes, threshold)  # (the threshold checked there)
     chunk_len = tfm.max_len if tfm.chunks > 1 else None  # chunk-and-pool when the data are chunked
     if not isinstance(model, SequenceClassifier):
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}

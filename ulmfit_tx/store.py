@@ -39,7 +39,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 FILES = {"ids": "ids.bin", "offsets": "offsets.bin", "labels": "labels.bin", "valid": "valid.bin"}
-LABEL_DTYPES = {SINGLE: np.int32, MULTI: np.int32, REGRESSION: np.float32}  # as written while streaming
+LABEL_DTYPES = {SINGLE: np.int32, REGRESSION: np.float32}  # (multi_label: a uint8 matrix, documents x classes)
 
 
 def tokenizer_fingerprint(tfm: HFTokenizer) -> str:
