@@ -230,7 +230,7 @@ def test_tokenize_stores_the_label_column_by_default(bert_dir, tmp_path, capsys)
     [
         (["--label-col", "tags", "--label-delim", ";", "--classes", "good,music"], "unknown class 'comedy'"),
         (["--label-col", "rating", "--task", "regression"], "1 row(s) of column 'rating' are not numbers (rows 3"),
-        (["--label-col", "text"], "the label column cannot be the text column"),
+        (["--label-col", "text"], "the label column cannot be a text column"),
         (["--label-col", "tags", "--label-delim", ";", "--threshold", "1.5"], "--threshold must be between 0 and 1"),
         (["--label-col", "tags", "--label-delim", ";", "--metric", "rmse"], "--metric 'rmse' is not one of"),
         (["--label-col", "score", "--task", "regression", "--class-weights", "balanced"], "class weights are for"),

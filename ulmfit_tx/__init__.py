@@ -79,4 +79,4 @@ from .schedule import (
 from .selftrain import pseudo_labelled_dls, pseudo_labels, self_train
 from .store import TokenStore, as_store, build_store, cached_store, default_cache
 from .tasks import MULTI, REGRESSION, SINGLE, Task, class_weights, task_of
-from .tokenize import HFTokenizer, find_tokenizer, load_tokenizer
+from .tokenize import HFTokenizer, TextPair, find_tokenizer, load_tokenizer

@@ -12,6 +12,7 @@ from fasttransform import Transform
 
 from .batching import PadTokens, TokenSortedDL, random_split
 from .errors import UlmfitError, check_classes
+from .io import text_columns
 from .store import TokenStore, as_store
 from .tasks import MULTI, SINGLE, Task
 from .tokenize import HFTokenizer
@@ -33,12 +34,13 @@ class StoreText(Transform):
         self.store, self.tfm = store, tfm
 
     def encodes(self, i: int | np.integer):
-        return TensorText(torch.as_tensor(self.tfm.wrap(self.store.doc(i)), dtype=torch.long))
+        return TensorText(
+            torch.as_tensor(self.tfm.wrap(self.store.doc(i), first=self.store.first(i)), dtype=torch.long)
+        )
 
     def lengths(self, idx) -> np.ndarray:
         "Model input lengths of the documents `idx`, from the store's offsets."
-        extra = len(self.tfm.prefix) + len(self.tfm.suffix)
-        return np.minimum(self.store.lengths(np.asarray(idx, dtype=np.int64)) + extra, self.tfm.max_len)
+        return np.minimum(self.store.lengths(np.asarray(idx, dtype=np.int64)) + self.tfm.n_special, self.tfm.max_len)
 
     def __getstate__(self):
         return {**self.__dict__, "store": None}
@@ -79,7 +81,7 @@ def store_task(store: TokenStore) -> Task:
 
 def HFTextBlock(
     tokenizer,  # A fast tokenizer, or a model folder / hub name
-    text_col: str = "text",  # DataFrame column with the texts
+    text_col: str | list = "text",  # DataFrame column with the texts; two: the columns of pairs of texts
     max_len: int | None = None,  # Longest sequence, special tokens included
     truncate: str = "head",  # "head" or "head+tail" (keep the start and the end of long texts)
     head_frac: float = 0.25,  # With "head+tail": the share of tokens kept from the start
@@ -87,7 +89,10 @@ def HFTextBlock(
     chunks: int = 1,  # Chunk-and-pool: up to this many chunks of `max_len` tokens a text (1: one sequence)
 ) -> TransformBlock:
     "A `TransformBlock` for texts in a DataFrame: tokenized once when the DataLoaders are built, padded per batch."
-    tfm = HFTokenizer(tokenizer, max_len, truncate, head_frac, text_col, chunks)
+    cols = text_columns(text_col)
+    tfm = HFTokenizer(
+        tokenizer, max_len, truncate, head_frac, cols if len(cols) == 2 else cols[0], chunks, len(cols) == 2
+    )
     return TransformBlock(
         type_tfms=tfm,
         dl_type=TokenSortedDL,
@@ -111,7 +116,8 @@ def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pc
 def clas_dataloaders(
     source,  # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
     tokenizer,  # A fast tokenizer, or a model folder / hub name
-    text_col: str = "text",  # Column with the texts
+    text_col: str
+    | list = "text",  # Column with the texts; two columns: pairs of texts, encoded as the tokenizer's pair
     label_col: str | list = "label",  # Column with the labels; several: 0/1 columns of a multi_label task
     valid_col: str | None = "is_valid",  # Boolean column marking validation rows; random split if the data has none
     valid_pct: float = 0.2,  # Validation share of a random split
@@ -130,9 +136,14 @@ def clas_dataloaders(
     """Classification `DataLoaders` over a token store: the texts are tokenized once (into the cache for a
     file, reused on the next run), items are document indices, batches are length-sorted and padded to their
     longest text. The targets follow the task: class ids, multi-hot vectors or numbers."""
-    tfm = HFTokenizer(tokenizer, max_len, truncate, chunks=chunks)
+    tfm = HFTokenizer(tokenizer, max_len, truncate, chunks=chunks, pair=len(text_columns(text_col)) == 2)
     opts = dict(task=task, label_delim=label_delim, classes=classes) if task or label_delim or classes else {}
     store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col, **opts)
+    if store.pair != tfm.pair:
+        raise UlmfitError(
+            f"{store.path}: the token store holds {'pairs of texts' if store.pair else 'single texts'}: "
+            + ("give the two text columns it was built from" if store.pair else "build it from the two text columns")
+        )
     dsets = Datasets(
         range(len(store)),
         tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), *store_task(store).target_tfms()]],

@@ -89,6 +89,8 @@ def _meta(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> dict:
         "truncate": tfm.truncate,
         "head_frac": tfm.head_frac,
         "chunks": tfm.chunks,
+        "pair": tfm.pair,
+        "type_sep": model.type_sep,
         "padding_side": tfm.tok.padding_side,
         "vocab_size": len(tfm.tok),
         "tokenizer_fingerprint": tokenizer_fingerprint(tfm),
@@ -107,6 +109,7 @@ def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> tuple[P
     config = PoolingClassifierConfig(
         encoder=model.hf.config.to_dict(),
         pooling=model.head.config,
+        type_sep=model.type_sep,
         pad_token_id=tfm.pad_id,
         problem_type=task.problem_type,
         **label_maps(task.classes),
@@ -126,8 +129,19 @@ def write_hf(
     config, module = _hf_form(model, tfm, task)
     config.save_pretrained(folder)
     save_model(module, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    tfm.tok.save_pretrained(folder)
+    _save_tokenizer(model, tfm, folder)
     return folder
+
+
+def _save_tokenizer(model: SequenceClassifier, tfm: HFTokenizer, folder):
+    """The tokenizer's files; for a pair model that reads token types, a tokenizer that returns them (`pipeline()`
+    gives a Hugging Face model what the tokenizer returns)."""
+    tok = tfm.tok
+    if model.type_sep is not None and "token_type_ids" not in tok.model_input_names:
+        tok = copy.copy(tok)
+        tok.model_input_names = [*tok.model_input_names, "token_type_ids"]
+        tok.init_kwargs = {**tok.init_kwargs, "model_input_names": tok.model_input_names}
+    tok.save_pretrained(folder)
 
 
 def write_bundle(model: SequenceClassifier, tfm: HFTokenizer, task: Task, folder, metrics: dict | None = None) -> Path:
@@ -151,28 +165,35 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
     front = ["---", "library_name: ulmfit_tx", "pipeline_tag: text-classification", "tags:"]
     front += [f"- {t}" for t in tags] + ["---", ""]
     names = ", ".join(f"`{c}`" for c in meta["classes"])
+    pair = meta.get("pair", False)
+    example = '[("the first text", "the second text")]' if pair else '["a text"]'
+    pipe_in = '{"text": "the first text", "text_pair": "the second text"}' if pair else '"a text"'
     head = "ULMFiT's pooling" if meta["head"] == "pooling" else "its own"
     what = {SINGLE: f"one of {names}", MULTI: f"any of {names}", REGRESSION: f"a number (`{meta['classes'][0]}`)"}
     lines = [
         "# Text classifier (ulmfit_tx)",
         "",
         f"A `{meta['model_type']}` encoder with {head} head, trained with ulmfit_tx "
-        f"{meta.get('ulmfit_tx_version', '')}: predicts {what[kind]} for a text"
+        f"{meta.get('ulmfit_tx_version', '')}: predicts {what[kind]} for {'a pair of texts' if pair else 'a text'}"
         + (f" (a class when its probability is at least {meta['threshold']})." if kind == MULTI else "."),
         "",
         "## How to use",
         "",
         "```python",
         "from ulmfit_tx import load_classifier",
-        'load_classifier("THIS_FOLDER").predict_texts(["a text"])  # also: ulmfit-tx predict --model THIS_FOLDER',
+        f'load_classifier("THIS_FOLDER").predict_texts({example})  # also: ulmfit-tx predict --model THIS_FOLDER',
         "```",
         "",
         "Or, with `import ulmfit_tx` first for the pooling head: "
-        '`pipeline("text-classification", model="THIS_FOLDER", top_k=None)`.',
+        f'`pipeline("text-classification", model="THIS_FOLDER", top_k=None)({pipe_in})`.',
         "",
         "## Inputs",
         "",
-        f"- up to {meta['max_len']} tokens a text ({meta['truncate']} kept)"
+        (
+            f"- pairs of texts, up to {meta['max_len']} tokens together (the longer text cut first)"
+            if pair
+            else f"- up to {meta['max_len']} tokens a text ({meta['truncate']} kept)"
+        )
         + (f", in up to {meta['chunks']} chunks" if meta.get("chunks", 1) > 1 else ""),
         f"- task: {kind}; outputs: {names}",
     ]
@@ -242,7 +263,14 @@ def _read_meta(p: Path, needs: str) -> dict:
 def _read_tokenizer(p: Path, meta: dict, vocab_size: int | None = None) -> HFTokenizer:
     "The tokenizer transform of folder `p`, checked to be the one `meta` was written with (and to fit `vocab_size`)."
     try:
-        tfm = HFTokenizer(p, meta["max_len"], meta["truncate"], meta["head_frac"], chunks=meta.get("chunks", 1))
+        tfm = HFTokenizer(
+            p,
+            meta["max_len"],
+            meta["truncate"],
+            meta["head_frac"],
+            chunks=meta.get("chunks", 1),
+            pair=meta.get("pair", False),
+        )
     except UlmfitError:
         raise
     except Exception as e:
@@ -289,10 +317,11 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, Task]:
             f"{path}: {WEIGHTS_FILE} does not fit config.json and {META_FILE} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from None
+    sep = meta.get("type_sep")
     if pooling:
-        model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head, tfm.max_len if tfm.chunks > 1 else None)
+        model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head, tfm.max_len if tfm.chunks > 1 else None, sep)
     else:
-        model = SequenceClassifier(hf, tfm.pad_id)
+        model = SequenceClassifier(hf, tfm.pad_id, type_sep=sep)
     return model.eval(), tfm, task_meta(meta)
 
 
@@ -303,6 +332,11 @@ SAMPLE_TEXTS = [
     "An honest, warm and very funny film: the cast is superb and the script never talks down to its audience.",
     " ".join(["The story wanders, the jokes land one time in three, and yet the ending works."] * 60),
 ]
+
+
+def sample_inputs(tfm: HFTokenizer) -> list:
+    "`SAMPLE_TEXTS`, or for a pair model pairs of them (short with long, long with short)."
+    return list(zip(SAMPLE_TEXTS, SAMPLE_TEXTS[::-1])) if tfm.pair else SAMPLE_TEXTS
 
 
 def _require_onnx():
@@ -416,7 +450,7 @@ def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, tas
         return []
     stage.mkdir()
     _hf_form(model, tfm, task)[0].save_pretrained(stage)
-    tfm.tok.save_pretrained(stage)
+    _save_tokenizer(model, tfm, stage)
     (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     clash = sorted(f.name for f in stage.iterdir() if (folder / f.name).exists())
     if clash:
@@ -430,7 +464,7 @@ def export_onnx(
     task: Task,  # What it predicts: kind, output names, threshold (`learn.task`)
     path,  # The .onnx file to write; config, tokenizer and ulmfit_tx.json are kept beside it
     int8: bool = False,  # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
-    texts: list[str] | None = None,  # Texts to check the graph on (default: `SAMPLE_TEXTS`, a few words to max_len)
+    texts: list | None = None,  # Texts (pair models: pairs) to check the graph on (default: `sample_inputs`)
     force: bool = False,  # Replace an existing file at `path`
 ) -> dict:
     """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from
@@ -456,7 +490,7 @@ def export_onnx(
         beside = _stage_beside(path.parent, model, tfm, task, Path(work) / "beside")
         m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
         example = pad_batch(
-            tfm.encode_batch(SAMPLE_TEXTS[1:3]), tfm.pad_id, tfm.pad_first
+            tfm.encode_batch(sample_inputs(tfm)[1:3]), tfm.pad_id, tfm.pad_first
         )  # (2, L): sizes 0 and 1 would be fixed
         dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=tfm.max_len * tfm.chunks)},)
         try:
@@ -480,7 +514,7 @@ def export_onnx(
 
             with _quiet():
                 quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-        diff, agree = _check_graph(m, tmp, tfm, task, texts or SAMPLE_TEXTS)
+        diff, agree = _check_graph(m, tmp, tfm, task, texts or sample_inputs(tfm))
         if not int8 and diff > 1e-4:
             raise UlmfitError(
                 f"the ONNX graph's outputs differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "

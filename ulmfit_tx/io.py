@@ -25,6 +25,7 @@ __all__ = [
     "mark_unknown",
     "iter_chunks",
     "label_columns",
+    "text_columns",
     "has_column",
     "atomic_dir",
     "atomic_file",
@@ -157,7 +158,7 @@ def _corpus_files(p: Path) -> list[Path]:
 def iter_corpus(
     path,  # A .txt/.txt.gz file, a folder of them, or a CSV/parquet file with `text_col`
     docs: str = "lines",  # "lines": each non-empty line is a document; "files": each file; "articles": WikiText titles
-    text_col: str = "text",  # Column of a CSV/parquet corpus
+    text_col: str | list = "text",  # Column of a CSV/parquet corpus (two: both texts of each pair are documents)
 ) -> Iterator[str]:
     "The non-blank documents of a corpus, streamed (a table is read in chunks, a text file line by line)."
     if docs not in DOCS:
@@ -167,13 +168,14 @@ def iter_corpus(
         raise UlmfitError(f"{path}: no such file or folder")
     if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES):
         for chunk in iter_chunks(p, text_col):
-            yield from (t for t in chunk.text.astype(str) if t.strip())
+            texts = chunk.text if "text_pair" not in chunk else pd.concat([chunk.text, chunk.text_pair]).sort_index()
+            yield from (t for t in texts.astype(str) if t.strip())
     else:
         for f in _corpus_files(p):
             yield from _file_docs(f, docs)
 
 
-def read_corpus(path, docs: str = "lines", text_col: str = "text") -> list[str]:
+def read_corpus(path, docs: str = "lines", text_col: str | list = "text") -> list[str]:
     "The documents of a corpus (see `iter_corpus`) as a list, checked to hold some text."
     out = list(iter_corpus(path, docs, text_col))
     if not out:
@@ -296,7 +298,7 @@ def _folder_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
 
 def iter_chunks(
     path,  # A table file, an IMDb-layout folder, or a .txt/.txt.gz corpus (file or folder)
-    text_col: str = "text",  # Column with the texts
+    text_col: str | list = "text",  # Column with the texts; two: the columns of pairs of texts
     label_col: str | list | None = None,  # Column(s) with the labels (read as strings), or None
     valid_col: str | None = None,  # Boolean column marking validation rows, read if the data has it
     docs: str = "lines",  # For a plain-text corpus: what a document is (see `iter_corpus`)
@@ -304,9 +306,10 @@ def iter_chunks(
     check: bool = True,  # Raise if `text_col` or `label_col` is missing
     unk: str | None = None,  # For a plain-text corpus: write WikiText's `<unk>` as this token
 ) -> Iterator[pd.DataFrame]:
-    """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `label`, or `label:<col>` for
-    several label columns, and `is_valid` when read), indexed by row number: the file is never read whole. A folder
-    in the IMDb layout gives `text, label, is_valid` (True under test/ or valid/); a plain-text corpus gives `text`."""
+    """The data of `path` as DataFrames of at most `rows` rows with columns `text` (and `text_pair` for pairs, `label`,
+    or `label:<col>` for several label columns, and `is_valid` when read), indexed by row number: the file is never
+    read whole. A folder in the IMDb layout gives `text, label, is_valid` (True under test/ or valid/); a plain-text
+    corpus gives `text`."""
     p = Path(path)
     if not p.exists():
         raise UlmfitError(f"{path}: no such file or folder")
@@ -325,8 +328,8 @@ def iter_chunks(
             yield pd.DataFrame({"text": batch}, index=range(start, start + len(batch)))
         return
     have = _table_columns(p)
-    lcols = label_columns(label_col)
-    cols = [text_col] + lcols
+    tcols, lcols = text_columns(text_col), label_columns(label_col)
+    cols = tcols + lcols
     if any(c not in have for c in cols):
         if not check:
             return
@@ -336,7 +339,10 @@ def iter_chunks(
         )
     if valid_col in have:
         cols.append(valid_col)
-    names = {text_col: "text", **dict(zip(lcols, ["label"] if len(lcols) == 1 else [f"label:{c}" for c in lcols]))}
+    names = {
+        **dict(zip(tcols, ["text", "text_pair"])),
+        **dict(zip(lcols, ["label"] if len(lcols) == 1 else [f"label:{c}" for c in lcols])),
+    }
     names[valid_col] = "is_valid"
     for chunk in _table_chunks(p, cols, rows):
         yield chunk[cols].rename(columns=names)
@@ -347,6 +353,16 @@ def label_columns(label_col) -> list:
     if label_col is None:
         return []
     return [label_col] if isinstance(label_col, str) else list(label_col)
+
+
+def text_columns(text_col) -> list:
+    "The text column(s) as a list: [name], or the two names of a pair of texts (the first, then the second)."
+    cols = [text_col] if isinstance(text_col, str) else list(text_col)
+    if len(cols) not in (1, 2) or not all(isinstance(c, str) and c for c in cols):
+        raise UlmfitError(f"text_col: one column, or two for pairs of texts, not {text_col!r}")
+    if len(set(cols)) < len(cols):
+        raise UlmfitError(f"text_col: the two texts of a pair come from two columns, not {cols[0]!r} twice")
+    return cols
 
 
 def has_column(path, name: str) -> bool:

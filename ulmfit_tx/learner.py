@@ -140,15 +140,19 @@ class ClassifierLearner(HFLearner):
         self.loss_func.thresh = Task(MULTI, self.task.classes, value).threshold  # (checked there)
 
     def predict_texts(self, texts, bs: int = 64, delim: str = ";") -> pd.DataFrame:
-        """Predictions of many texts (or of the documents of a `TokenStore` made with this model's tokenizer):
-        tokenized in one call, run in length-sorted batches, returned in input order. Columns by task: `label` and
-        `prob_<class>`; `labels` (joined by `delim`) and `prob_<class>`; or `prediction`."""
+        """Predictions of many texts (or of the documents of a `TokenStore` made with this model's tokenizer; a pair
+        classifier: `TextPair`s, (text, text) tuples or a two-column DataFrame): tokenized in one call, run in
+        length-sorted batches, returned in input order. Columns by task: `label` and `prob_<class>`; `labels` (joined
+        by `delim`) and `prob_<class>`; or `prediction`."""
         tfm = self.tokenizer
         if isinstance(texts, TokenStore):
             texts.check_tokenizer(tfm)
-            ids = [tfm.wrap(texts.doc(i)) for i in range(len(texts))]
+            if texts.pair != tfm.pair:
+                raise UlmfitError(f"{texts.path}: a store of {'pairs' if texts.pair else 'single texts'}, "
+                                  f"the model reads {'pairs' if tfm.pair else 'single texts'}")  # fmt: skip
+            ids = [tfm.wrap(texts.doc(i), first=texts.first(i)) for i in range(len(texts))]
         else:
-            ids = tfm.encode_batch(texts.tolist() if isinstance(texts, pd.Series) else list(texts))
+            ids = tfm.encode_batch(texts if isinstance(texts, pd.DataFrame) else list(texts))
         return self.task.table(self._probs(ids, bs).float().numpy(), delim)
 
     def _probs(self, ids: list, bs: int) -> torch.Tensor:
@@ -254,9 +258,10 @@ def load_classifier(
     model, tfm, task = read_bundle(path) if backend == "torch" else read_onnx(path, int8)
     if backend == "onnx":
         device = "cpu"
-    tfm.text_col = "text"  # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
+    # the pipeline is set up on one placeholder row, then emptied: the data are yours (test_dl)
+    tfm.text_col = ["text", "text_pair"] if tfm.pair else "text"
     label = {SINGLE: task.classes[0], MULTI: [task.classes[0]], REGRESSION: 0.0}[task.kind]
-    row = pd.DataFrame({"text": [""], "label": [label]})
+    row = pd.DataFrame({"text": [""], "text_pair": [""], "label": [label]})
     dsets = Datasets(row, tfms=[[tfm], [ColReader("label"), *task.target_tfms()]], splits=[[0], [0]])
     dls = dsets.dataloaders(
         bs=bs, num_workers=0, dl_type=TokenSortedDL, before_batch=PadTokens(tfm.pad_id, tfm.pad_first), device=device
@@ -344,7 +349,8 @@ def classifier_learner(
     chunk_len = tfm.max_len if tfm.chunks > 1 else None  # chunk-and-pool when the data are chunked
     if not isinstance(model, SequenceClassifier):
         head_kw = dict(lin_ftrs=lin_ftrs, ps=ps, output_p=output_p) if head == "pooling" else {}
-        model = classifier_model(model, tfm.tok, task.n_out, head, task.classes, chunk_len, **head_kw)
+        sep = tfm.between[0] if tfm.pair else None
+        model = classifier_model(model, tfm.tok, task.n_out, head, task.classes, chunk_len, sep, **head_kw)
     elif model.chunk_len != chunk_len:
         raise UlmfitError(
             f"the model reads chunks of {model.chunk_len} tokens but the data are chunks of {chunk_len} "

@@ -38,6 +38,8 @@ __all__ = [
     "PoolingClassifierConfig",
     "PoolingForSequenceClassification",
     "SequenceClassifier",
+    "pair_types",
+    "type_sep",
     "masked_lm_model",
     "classifier_model",
     "marge_model",
@@ -84,8 +86,8 @@ class PortableHF(nn.Module):
     hf_family, hf_kwargs = "base", {}
     aux_loss = None
 
-    def _call(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
-        out = module(input_ids=ids, attention_mask=mask)
+    def _call(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
+        out = module(input_ids=ids, attention_mask=mask, **kwargs)
         self.aux_loss = getattr(out, "aux_loss", None)
         return out
 
@@ -231,6 +233,19 @@ class MargeLM(PortableHF):
         return self.hf.logits(h[labels != -100])  # (N, V)
 
 
+def pair_types(ids: torch.Tensor, sep: int, mask: torch.Tensor) -> torch.Tensor:
+    """Token type ids of pairs of texts encoded as [CLS] a [SEP] b [SEP]: 0 up to the first `sep` token (included), 1
+    after it, 0 at padding; what the tokenizer gives as `token_type_ids`, read from the ids (so ids stay the only
+    input, of the ONNX graph too)."""
+    at = (ids == sep).long()  # (B, L)
+    return ((at.cumsum(1) - at).clamp(max=1) * mask).long()  # (B, L): 1 after the first separator
+
+
+def type_sep(config: PreTrainedConfig, sep: int | None) -> int | None:
+    "The separator `pair_types` reads for an encoder that has token types (`sep`: a pair tokenizer's; None: no pair)."
+    return sep if sep is not None and getattr(config, "type_vocab_size", 1) > 1 else None
+
+
 class PoolingClassifierHead(nn.Module):
     """ULMFiT's classifier head (fastai's `PoolingLinearClassifier`) on transformer states: the first
     token, the masked mean and the masked max, concatenated, then `LinBnDrop` layers."""
@@ -266,6 +281,7 @@ class PoolingClassifierConfig(PreTrainedConfig):
     model_type = "ulmfit_tx_pooling"
     encoder: dict | None = None  # The encoder's config as a dict (any registered model type)
     pooling: dict | None = None  # `PoolingClassifierHead`'s arguments (hidden, n_out, lin_ftrs, ps, output_p)
+    type_sep: int | None = None  # Pairs of texts: the separator token after which token types are 1 (`pair_types`)
 
     def encoder_config(self) -> PreTrainedConfig:
         "The encoder's config object, of its model type's config class."
@@ -291,10 +307,16 @@ class PoolingForSequenceClassification(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         mask = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()  # (B, L)
-        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)  # (B, C)
+        types = {}
+        if self.config.type_sep is not None:  # a pair classifier: the tokenizer's types, or read from the ids
+            types["token_type_ids"] = (
+                pair_types(input_ids, self.config.type_sep, mask) if token_type_ids is None else token_type_ids
+            )
+        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask, **types).last_hidden_state, mask)
         return SequenceClassifierOutput(loss=None if labels is None else self._loss(logits, labels), logits=logits)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -313,7 +335,7 @@ AutoModelForSequenceClassification.register(PoolingClassifierConfig, PoolingForS
 class SequenceClassifier(PortableHF):
     "A Hugging Face encoder with ULMFiT's pooling head, or a `...ForSequenceClassification` model with its own head."
 
-    chunk_len = None  # (classifiers pickled before chunk-and-pool)
+    chunk_len = type_sep = None  # (classifiers pickled before chunk-and-pool and pairs)
 
     def __init__(
         self,
@@ -321,6 +343,7 @@ class SequenceClassifier(PortableHF):
         pad_id: int,  # The tokenizer's padding id: attention is masked there
         head: nn.Module | None = None,  # f(states (B, L, H), mask (B, L)) -> logits; None: the model's native head
         chunk_len: int | None = None,  # Chunk-and-pool: inputs are chunks of this many tokens (`HFTokenizer(chunks=)`)
+        type_sep: int | None = None,  # Pairs of texts: token types are 1 after this separator (`pair_types`)
     ):
         super().__init__()
         if chunk_len is not None and (head is None or hf.config.model_type in MEMORY_MODEL_TYPES):
@@ -329,6 +352,7 @@ class SequenceClassifier(PortableHF):
                 f"texts segment by segment already), not the {'native head' if head is None else 'memory encoder'}"
             )
         self.hf, self.pad_id, self.head, self.chunk_len = use_fast_kernels(hf), pad_id, head, chunk_len
+        self.type_sep = type_sep
         self.hf_family = "base" if head is not None else "sequence_classification"
         self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
 
@@ -336,9 +360,10 @@ class SequenceClassifier(PortableHF):
         if self.chunk_len is not None:
             return self._chunk_and_pool(ids)
         mask = ids != self.pad_id  # (B, L) True at real tokens
+        types = {} if self.type_sep is None else {"token_type_ids": pair_types(ids, self.type_sep, mask)}  # (B, L)
         if self.head is None:
-            return self._call(self.hf, ids, mask).logits  # (B, C)
-        h = self._call(self.hf, ids, mask).last_hidden_state  # (B, L, H): memory encoders read it by segments
+            return self._call(self.hf, ids, mask, **types).logits  # (B, C)
+        h = self._call(self.hf, ids, mask, **types).last_hidden_state  # (B, L, H): memory encoders read it by segments
         return self.head(h, mask)  # (B, C)
 
     def _chunk_and_pool(self, ids: torch.Tensor) -> torch.Tensor:
@@ -382,10 +407,18 @@ def label_maps(labels) -> dict:
 
 
 def classifier_model(
-    src, tok, n_out: int, head: str = "pooling", labels=None, chunk_len: int | None = None, **head_kwargs
+    src,
+    tok,
+    n_out: int,
+    head: str = "pooling",
+    labels=None,
+    chunk_len: int | None = None,
+    pair_sep: int | None = None,
+    **head_kwargs,
 ) -> SequenceClassifier:
     """A `SequenceClassifier` whose encoder comes from `src` (e.g. the MLM fine-tuned folder: ULMFiT's hand-off);
-    `chunk_len`: chunk-and-pool inputs of chunks of that many tokens."""
+    `chunk_len`: chunk-and-pool inputs of chunks of that many tokens; `pair_sep`: inputs are pairs of texts split by
+    this token (given token types where the encoder has them)."""
     if head not in ("pooling", "native"):
         raise UlmfitError(f"head must be 'pooling' or 'native', not {head!r}")
     if head == "native":
@@ -396,11 +429,11 @@ def classifier_model(
             **label_maps(labels if labels is not None else range(n_out)),
         )
         _check_vocab(hf, tok, src)
-        return SequenceClassifier(hf, tok.pad_token_id, chunk_len=chunk_len)
+        return SequenceClassifier(hf, tok.pad_token_id, chunk_len=chunk_len, type_sep=type_sep(hf.config, pair_sep))
     hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
     _check_vocab(hf, tok, src)
     head = PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs)
-    return SequenceClassifier(hf, tok.pad_token_id, head, chunk_len)
+    return SequenceClassifier(hf, tok.pad_token_id, head, chunk_len, type_sep(hf.config, pair_sep))
 
 
 def marge_model(

@@ -43,6 +43,8 @@ def pseudo_labels(
         raise UlmfitError(
             f"self-training pseudo-labels one class a text: a single_label task, not {task_of(learn.dls).kind}"
         )
+    if learn.tokenizer.pair:
+        raise UlmfitError("self-training pseudo-labels single texts; this classifier reads pairs of texts")
     texts = pd.Series(list(texts), dtype=object)
     if texts.empty:
         raise UlmfitError("no unlabelled texts to pseudo-label")

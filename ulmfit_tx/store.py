@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UlmfitError, check_texts, valid_mask
-from .io import DOCS, atomic_dir, iter_chunks, label_columns
+from .io import DOCS, atomic_dir, iter_chunks, label_columns, text_columns
 from .tasks import MULTI, REGRESSION, SINGLE, infer_task, label_values
 from .tokenize import HFTokenizer
 
@@ -38,7 +38,13 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-FILES = {"ids": "ids.bin", "offsets": "offsets.bin", "labels": "labels.bin", "valid": "valid.bin"}
+FILES = {
+    "ids": "ids.bin",
+    "offsets": "offsets.bin",
+    "labels": "labels.bin",
+    "valid": "valid.bin",
+    "firsts": "firsts.bin",
+}
 LABEL_DTYPES = {SINGLE: np.int32, REGRESSION: np.float32}  # (multi_label: a uint8 matrix, documents x classes)
 
 
@@ -72,8 +78,9 @@ def is_store(path) -> bool:
 
 class TokenStore:
     """A token store opened memory-mapped: `doc(i)` gives document i's token ids (no special tokens),
-    `lengths()` its token counts, `labels`/`classes`/`is_valid` what the source had. Pickled as its path, so
-    each DataLoader worker and each process opens its own map."""
+    `lengths()` its token counts, `labels`/`classes`/`is_valid` what the source had. A store of pairs of texts holds
+    each pair as one document, the first text's ids then the second's, and `firsts`: the first text's length. Pickled
+    as its path, so each DataLoader worker and each process opens its own map."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -128,6 +135,7 @@ class TokenStore:
         else:  # (n_docs,) class ids, or regression targets
             self.labels = None if task is None else self._map("labels", LABEL_DTYPES[task], n)
         self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
+        self.firsts = self._map("firsts", np.int32, n) if self.pair else None  # (n_docs,) a pair's first text's length
         self._reads = 0
 
     def __len__(self) -> int:
@@ -146,10 +154,19 @@ class TokenStore:
         "single_label, multi_label or regression: what the stored labels are (None: no labels)."
         return self.meta.get("task", SINGLE if self.meta["classes"] is not None else None)
 
+    @property
+    def pair(self) -> bool:
+        "Whether each document is a pair of texts (see `first`)."
+        return bool(self.meta.get("pair"))
+
     def doc(self, i: int) -> np.ndarray:
         "Token ids of document `i` (a view of the map)."
         self._release()
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def first(self, i: int) -> int | None:
+        "How many of document `i`'s ids are its first text's (pairs; None: single texts): `HFTokenizer.wrap`'s split."
+        return None if self.firsts is None else int(self.firsts[i])
 
     def lengths(self, idx=None) -> np.ndarray:
         "Token counts of the documents `idx` (all by default), from the offsets."
@@ -207,7 +224,7 @@ def build_store(
     source,  # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame or list of texts
     tokenizer,  # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
     out,  # The store folder to write (written to a temporary folder, then renamed)
-    text_col: str = "text",  # Column with the texts
+    text_col: str | list = "text",  # Column with the texts; two columns: pairs of texts (each pair a document)
     label_col: str | list | None = None,  # Label column (stored as ids into the sorted class names); several: 0/1
     # columns of a multi_label task, one per class; None: no labels
     valid_col: str | None = None,  # Boolean column marking validation rows, stored when the data has it
@@ -225,9 +242,9 @@ def build_store(
     encoded in one parallel call of the fast tokenizer and appended to the flat id file. Blank texts and
     missing labels are refused with the rows named; nothing is left at `out` on failure. Labels are stored by task:
     class ids, a multi-hot matrix (documents x classes) or float targets."""
-    lcols = label_columns(label_col)
-    if text_col in lcols:
-        raise UlmfitError(f"the label column cannot be the text column ({text_col!r})")
+    tcols, lcols = text_columns(text_col), label_columns(label_col)
+    if set(tcols) & set(lcols):
+        raise UlmfitError(f"the label column cannot be a text column ({sorted(set(tcols) & set(lcols))[0]!r})")
     task = infer_task(task, lcols, label_delim) if lcols else None
     tfm = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
     vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
@@ -237,9 +254,9 @@ def build_store(
             raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
         chunks, name = iter_chunks(source, text_col, lcols or None, valid_col, docs, chunk_rows, unk=unk), str(source)
     else:
-        df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({text_col: list(source)})
+        df = source if isinstance(source, pd.DataFrame) else pd.DataFrame({tcols[0]: list(source)})
         chunks = (
-            _df_chunk(df.iloc[i : i + chunk_rows], text_col, lcols, valid_col)
+            _df_chunk(df.iloc[i : i + chunk_rows], tcols, lcols, valid_col)
             for i in range(0, max(len(df), 1), chunk_rows)
         )
         name = f"DataFrame with {len(df):,} rows"
@@ -256,6 +273,7 @@ def build_store(
             open(tmp / FILES["labels"], "wb") as f_lab,
             open(tmp / "label_counts.bin", "wb") as f_cnt,
             open(tmp / FILES["valid"], "wb") as f_val,
+            open(tmp / FILES["firsts"], "wb") as f_first,
         ):
             f_off.write(np.zeros(1, np.int64).tobytes())
             for chunk in chunks:
@@ -265,10 +283,14 @@ def build_store(
                     chunk = chunk.iloc[: max_docs - n_docs]
                 if len(chunk) == 0:
                     continue
-                check_texts(chunk, "text", name, shown=text_col)
+                for col, shown in zip(("text", "text_pair"), tcols):
+                    check_texts(chunk, col, name, shown=shown)
                 if task is not None:
                     _write_labels(chunk, task, lcols, label_delim, name, classes, found, f_lab, f_cnt)
                 ids = list(tfm.token_ids(chunk["text"].tolist(), chunk=len(chunk)))  # one call of the fast tokenizer
+                if len(tcols) == 2:  # a pair: the first text's ids, then the second's
+                    f_first.write(np.fromiter(map(len, ids), np.int32, len(ids)).tobytes())
+                    ids = [a + b for a, b in zip(ids, tfm.token_ids(chunk["text_pair"].tolist(), chunk=len(chunk)))]
                 lens = np.fromiter(map(len, ids), np.int64, len(ids))
                 f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum())).tobytes())
                 f_off.write((n_tokens + np.cumsum(lens)).tobytes())
@@ -287,6 +309,8 @@ def build_store(
             (tmp / FILES["labels"]).unlink()
         if not has_valid:
             (tmp / FILES["valid"]).unlink()
+        if len(tcols) == 1:
+            (tmp / FILES["firsts"]).unlink()
         meta = {
             "format": FORMAT_VERSION,
             "dtype": np.dtype(dtype).name,
@@ -296,6 +320,7 @@ def build_store(
             "classes": order,
             "label_delim": label_delim,
             "has_valid": has_valid,
+            "pair": len(tcols) == 2,
             "tokenizer": {
                 "fingerprint": tokenizer_fingerprint(tfm),
                 "name": tfm.tok.name_or_path,
@@ -304,7 +329,7 @@ def build_store(
             "source": {
                 "name": name,
                 "fingerprint": source_fingerprint(source),
-                "text_col": text_col,
+                "text_col": tcols[0] if len(tcols) == 1 else tcols,
                 "label_col": lcols[0] if len(lcols) == 1 else (lcols or None),
                 "valid_col": valid_col,
                 "docs": docs,
@@ -348,14 +373,15 @@ def _finish_labels(tmp: Path, task, found: dict, fixed: bool, n_docs: int) -> li
     return order
 
 
-def _df_chunk(df: pd.DataFrame, text_col: str, label_cols: list, valid_col: str | None) -> pd.DataFrame:
-    "A slice of a DataFrame with columns `text` (and `label` or `label:<col>`, `is_valid`), as `iter_chunks` gives."
+def _df_chunk(df: pd.DataFrame, text_cols: list, label_cols: list, valid_col: str | None) -> pd.DataFrame:
+    """A slice of a DataFrame with columns `text` (and `text_pair`, `label` or `label:<col>`, `is_valid`), as
+    `iter_chunks` gives."""
     from .errors import check_columns
 
-    check_columns(df, [text_col] + label_cols)
+    check_columns(df, text_cols + label_cols)
     names = ["label"] if len(label_cols) == 1 else [f"label:{c}" for c in label_cols]
     cols = {
-        text_col: "text",
+        **dict(zip(text_cols, ["text", "text_pair"])),
         **dict(zip(label_cols, names)),
         **({valid_col: "is_valid"} if valid_col and valid_col in df else {}),
     }

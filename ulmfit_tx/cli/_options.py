@@ -9,6 +9,7 @@ from pathlib import Path
 __all__ = [
     "add_model",
     "add_data",
+    "text_col_arg",
     "add_docs",
     "add_classifier_data",
     "add_labels",
@@ -39,7 +40,12 @@ def add_data(
     "--data (`former`: older names it also answers to) and --text-col; with `labels` --label-col and --valid-col."
     forms = DATA_FORMS + (", or a folder laid out as train/<label>/*.txt" if labels else "")
     p.add_argument("--data", *former, required=required, help=forms)
-    p.add_argument("--text-col", default="text", help="column with the texts (default: text)")
+    p.add_argument(
+        "--text-col",
+        default="text",
+        type=text_col_arg,
+        help="column with the texts (default: text); two comma-separated for pairs of texts (FIRST,SECOND)",
+    )
     if labels:
         p.add_argument("--label-col", default="label", help="column with the labels (default: label)")
         p.add_argument(
@@ -53,6 +59,12 @@ def add_data(
             help="token store cache: a file is tokenized once and reused while it and the "
             "tokenizer are unchanged (default: $ULMFIT_TX_CACHE or ~/.cache/ulmfit_tx/stores)",
         )
+
+
+def text_col_arg(value: str) -> str | list:
+    "--text-col's value: a column name, or the two names of a pair's columns (`a,b`)."
+    cols = [c.strip() for c in value.split(",")]
+    return cols[0] if len(cols) == 1 else cols
 
 
 def add_docs(p: argparse.ArgumentParser, former: tuple = ()):

@@ -84,6 +84,8 @@ def run(a) -> dict:
         raise UlmfitError("--self-train-rounds needs --unlabelled (the texts to pseudo-label)")
     if not 0 < a.self_train_threshold < 1:
         raise UlmfitError(f"--self-train-threshold must be between 0 and 1, not {a.self_train_threshold}")
+    if a.unlabelled and not isinstance(a.text_col, str):
+        raise UlmfitError("self-training (--unlabelled) pseudo-labels single texts, not pairs of texts")
     if a.threshold is not None and not 0 < a.threshold < 1:
         raise UlmfitError(f"--threshold must be between 0 and 1, not {a.threshold}")
     run = start_run(a)
