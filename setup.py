@@ -18,6 +18,10 @@ setup(
     python_requires=f">={c['min_python']}",
     packages=find_packages(include=[c["lib_name"], f"{c['lib_name']}.*"]),
     install_requires=[c["torch_requirement"], *c["requirements"].split()],
-    extras_require={"dev": c["dev_requirements"].split(), "onnx": c["onnx_requirements"].split()},
+    extras_require={
+        "dev": c["dev_requirements"].split(),
+        "onnx": c["onnx_requirements"].split(),
+        "report": c["report_requirements"].split(),
+    },
     entry_points={"console_scripts": c["console_scripts"].split()},
 )

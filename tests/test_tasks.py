@@ -261,3 +261,33 @@ def test_json_lines_are_read_in_chunks_with_lists_as_multi_label_classes(bert_di
     assert np.allclose(reg.labels, df.score)
     with pytest.raises(UlmfitError, match="missing column 'body'"):
         build_store(tmp_path / "t.jsonl.gz", bert_dir, tmp_path / "x", text_col="body", progress=False)
+
+
+def test_hugging_face_datasets_are_read_in_batches_with_class_label_names(bert_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    df = tagged_task(40).assign(label=lambda d: d.good)
+    ds = datasets.Dataset.from_pandas(df[["text", "label", "tags", "score", "is_valid"]], preserve_index=False)
+    ds = ds.cast_column("label", datasets.ClassLabel(names=["bad", "good"]))  # ids 0/1 named
+    store = build_store(ds, bert_dir, tmp_path / "s", label_col="label", valid_col="is_valid", chunk_rows=16,
+                        progress=False)  # fmt: skip
+    assert store.classes == ["bad", "good"] and (np.asarray(store.labels) == df.good).all()
+    assert (np.asarray(store.is_valid) == df.is_valid).all()
+    dls = clas_dataloaders(ds.to_iterable_dataset(), bert_dir, label_col="label", max_len=32, bs=8)  # streamed
+    assert list(dls.vocab) == ["bad", "good"] and len(dls.train_ds) == 30 and len(dls.valid_ds) == 10
+
+    lists = datasets.Dataset.from_dict(
+        {"text": df.text.tolist(), "tags": [[int(t == "good"), *([2] if "comedy" in s else [])]
+                                           for t, s in zip(df.tags.str.split(";").str[0], df.tags)]}
+    ).cast_column("tags", datasets.List(datasets.ClassLabel(names=["music", "good", "comedy"])))  # fmt: skip
+    splits = datasets.DatasetDict({"train": lists.select(range(30)), "test": lists.select(range(30, 40))})
+    dls = clas_dataloaders(splits, bert_dir, label_col="tags", task="multi_label", max_len=32, bs=8)
+    assert dls.one_batch()[1].shape[1] == 3 and len(dls.valid_ds) == 10  # the test split validates
+    reg = clas_dataloaders(ds, bert_dir, label_col="score", task="regression", max_len=32, bs=8)
+    assert task_of(reg).kind == REGRESSION
+    with pytest.raises(UlmfitError, match="missing column 'body'"):
+        clas_dataloaders(ds, bert_dir, text_col="body")
+    with pytest.raises(UlmfitError, match="none is 'train'"):
+        clas_dataloaders(datasets.DatasetDict({"dev": ds}), bert_dir)
+    unlabelled = ds.map(lambda r: {"label": -1}).cast_column("label", datasets.ClassLabel(names=["bad", "good"]))
+    with pytest.raises(UlmfitError, match="40 row.* no label"):  # -1: IMDb's unsupervised rows
+        build_store(unlabelled, bert_dir, tmp_path / "u", label_col="label", progress=False)

@@ -53,6 +53,7 @@ from .models import (
 from .optimizer import FusedAdamW
 from .precision import MixedPrecision, cpu_has_bf16_matmul, default_precision, set_precision
 from .pretrain import new_config, pretrain_learner
+from .report import report_callbacks
 from .retrieval import (
     Beta,
     Chunks,

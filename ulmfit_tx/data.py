@@ -114,7 +114,8 @@ def store_splits(store: TokenStore, valid_col: str | None = "is_valid", valid_pc
 
 
 def clas_dataloaders(
-    source,  # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, or token store
+    source,  # DataFrame, CSV/parquet file, folder in the IMDb train/<label>/*.txt layout, token store, or a Hugging
+    # Face `datasets.Dataset` / `IterableDataset` / `DatasetDict` (its train and validation splits)
     tokenizer,  # A fast tokenizer, or a model folder / hub name
     text_col: str
     | list = "text",  # Column with the texts; two columns: pairs of texts, encoded as the tokenizer's pair

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UlmfitError
+from .errors import UlmfitError, check_columns
 
 __all__ = [
     "read_table",
@@ -24,6 +24,8 @@ __all__ = [
     "read_corpus",
     "mark_unknown",
     "iter_chunks",
+    "is_hf_dataset",
+    "dataset_chunks",
     "label_columns",
     "text_columns",
     "has_column",
@@ -346,6 +348,70 @@ def iter_chunks(
     names[valid_col] = "is_valid"
     for chunk in _table_chunks(p, cols, rows):
         yield chunk[cols].rename(columns=names)
+
+
+def is_hf_dataset(source) -> bool:
+    "Whether `source` is a Hugging Face `datasets` object: `Dataset`, `IterableDataset`, or a dict of splits of them."
+    return type(source).__module__.split(".")[0] == "datasets"
+
+
+VALID_SPLITS = ("validation", "valid", "test")  # the split of a DatasetDict read as validation rows, the first found
+
+
+def _class_names(feature) -> list | None:
+    "The names of a `ClassLabel` feature, or of a list of them (multi-label ids); None for any other feature."
+    inner = getattr(feature, "feature", None)  # a List / Sequence of ClassLabel
+    return getattr(feature, "names", None) or getattr(inner, "names", None)
+
+
+def dataset_chunks(
+    ds,  # A `datasets.Dataset`, `IterableDataset`, or a `DatasetDict` with a train split (and a validation split)
+    text_col: str | list = "text",  # Column with the texts; two: the columns of pairs of texts
+    label_col: str | list | None = None,  # Column(s) with the labels, or None
+    valid_col: str | None = None,  # Boolean column marking validation rows, read if the data has it
+    rows: int = 20_000,  # Rows per chunk
+) -> Iterator[pd.DataFrame]:
+    """A Hugging Face dataset as `iter_chunks` gives a file: DataFrames of at most `rows` rows with the columns renamed
+    (`text`, `text_pair`, `label` or `label:<col>`, `is_valid`), read `rows` at a time (an `IterableDataset` streams).
+    `ClassLabel` ids become their names (a list of them, a multi-label row's classes). A `DatasetDict` gives its
+    `train` split, then its `validation` (or `valid`, `test`) split flagged as validation rows."""
+    if isinstance(ds, dict):
+        if "train" not in ds:
+            raise UlmfitError(f"the dataset's splits are {', '.join(map(repr, ds))}: none is 'train'")
+        valid = next((k for k in VALID_SPLITS if k in ds), None)
+        parts = [(ds["train"], False)] + ([(ds[valid], True)] if valid else [])
+    else:
+        parts = [(ds, None)]
+    tcols, lcols = text_columns(text_col), label_columns(label_col)
+    names = {
+        **dict(zip(tcols, ["text", "text_pair"])),
+        **dict(zip(lcols, ["label"] if len(lcols) == 1 else [f"label:{c}" for c in lcols])),
+        **({valid_col: "is_valid"} if valid_col else {}),
+    }
+    start = 0
+    for part, is_valid in parts:
+        have = part.column_names
+        if have is not None:  # (an IterableDataset whose features are unknown tells them with its first rows)
+            missing = [c for c in tcols + lcols if c not in have]
+            if missing:
+                raise UlmfitError(
+                    f"{type(part).__name__}: missing column {', '.join(map(repr, missing))}; "
+                    f"the columns are {', '.join(map(repr, have))}"
+                )
+        cols = [c for c in names if have is None or c in have]
+        features = part.features or {}
+        for batch in part.select_columns(cols).iter(batch_size=rows):
+            df = pd.DataFrame(batch)
+            check_columns(df, tcols + lcols, type(part).__name__)
+            for c in lcols:  # ClassLabel ids as names; -1 (no label, as in IMDb's unsupervised split) as missing
+                if (classes := _class_names(features.get(c))) is not None:
+                    name = lambda i: classes[i] if 0 <= i < len(classes) else None  # noqa: E731
+                    df[c] = [[name(i) for i in v] if isinstance(v, list) else name(v) for v in df[c]]
+            df = df.rename(columns=names).set_axis(range(start, start + len(df)))
+            if is_valid is not None:
+                df["is_valid"] = is_valid
+            start += len(df)
+            yield df
 
 
 def label_columns(label_col) -> list:

@@ -223,7 +223,7 @@ class MaskTokens(ItemTransform):
 
 
 def mlm_dataloaders(
-    source,  # Texts: list, Series, DataFrame with `text_col`, a table file, a .txt corpus, or a token store
+    source,  # Texts: list, Series, DataFrame with `text_col`, a table file, a .txt corpus, a token store, a HF dataset
     tokenizer,  # A fast tokenizer, or a model folder / hub name
     text_col: str = "text",  # Column with the texts (DataFrame or file)
     max_len: int = 128,  # Block length (or longest document; or, with "segments", tokens per row per batch)

@@ -25,6 +25,7 @@ from .errors import UlmfitError
 from .export import write_bundle
 from .io import atomic_dir, check_out_dir
 from .precision import precision_of
+from .report import finish_reports, parse_report_to, report_callbacks
 from .schedule import Stage, fit_stages
 
 __all__ = ["Run", "checkpoint_folder", "write_json"]
@@ -53,7 +54,9 @@ class Run:
         keep_checkpoints: bool = False,  # Keep the checkpoint folder when the run finishes
         settings: dict | None = None,  # The run's settings: resuming with other settings is refused
         seed: int | None = 42,  # `set_seed(seed, reproducible=True)` once the run is set up; None: no seeding
+        report_to=None,  # "csv,tensorboard,wandb" (any): fastai's loggers, kept in OUT/logs (`report_callbacks`)
     ):
+        report_to = parse_report_to(report_to)  # (checked before anything is written)
         self.out, self.force, self.keep = check_out_dir(out, force), force, keep_checkpoints
         folder = checkpoint_folder(out)
         if not resume and (folder / CKPT).exists():
@@ -66,14 +69,19 @@ class Run:
         self.checkpoint = CheckpointCallback(
             folder, checkpoint_steps, settings or {}, resume=resume, defer_last=not keep_checkpoints
         )
+        self.logs = folder / "logs"  # written while the run goes on (a resumed run appends), then kept in OUT/logs
+        if not resume and is_rank0():
+            shutil.rmtree(self.logs, ignore_errors=True)
+        self.reports = report_callbacks(report_to, self.logs, Path(out).name, settings)
         self.history = plots.LossHistory()
         if seed is not None:
             set_seed(seed, reproducible=True)
 
     @property
     def cbs(self) -> list:
-        "The callbacks the run's learner needs: `LossHistory` (losses and timings) and the `CheckpointCallback`."
-        return [self.history, self.checkpoint]
+        """The callbacks the run's learner needs: `LossHistory` (losses and timings), the `CheckpointCallback` and the
+        reporters of `report_to`."""
+        return [self.history, self.checkpoint, *self.reports]
 
     def fit(self, learn: Learner, stages: list[Stage], keep_best: KeepBest | None = None) -> list:
         """`fit_stages` in one process, or under a distributed launcher (torchrun) on every process with fastai's
@@ -112,11 +120,20 @@ class Run:
         try:
             with rank0_only() as main, atomic_dir(self.out, self.force) if main else nullcontext() as tmp:
                 yield tmp
+                if tmp is not None:
+                    self._keep_logs(tmp)
         except BaseException:
+            finish_reports(self.reports, failed=True)
             self.checkpoint.save_deferred()
             raise
         if not self.keep:
             self.checkpoint.remove()
+
+    def _keep_logs(self, tmp: Path):
+        "The reporters' files (the W&B run ended first) copied into the output folder as `logs/`."
+        finish_reports(self.reports)
+        if self.reports and self.logs.is_dir():
+            shutil.copytree(self.logs, tmp / "logs", symlinks=True)
 
     def save_pretrained(self, learn: Learner, metrics: dict, extra: dict | None = None) -> Path:
         """`out` as a model folder: `learn.write_pretrained` (weights and tokenizer), metrics.json and loss.png;
@@ -146,7 +163,10 @@ class Run:
     def _write_classifier(self, learn, metrics, tmp, hf):
         path, learn.path = learn.path, tmp
         try:
-            learn.export("export.pkl")
+            with learn.removed_cbs(
+                self.reports
+            ):  # (loggers hold files and runs: not part of the learner a user loads)
+                learn.export("export.pkl")
         finally:
             learn.path = path
         write_bundle(learn.model, learn.tokenizer, learn.task, tmp, metrics)

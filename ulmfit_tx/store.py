@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UlmfitError, check_texts, valid_mask
-from .io import DOCS, atomic_dir, iter_chunks, label_columns, text_columns
+from .io import DOCS, atomic_dir, dataset_chunks, is_hf_dataset, iter_chunks, label_columns, text_columns
 from .tasks import MULTI, REGRESSION, SINGLE, infer_task, label_values
 from .tokenize import HFTokenizer
 
@@ -55,9 +55,12 @@ def tokenizer_fingerprint(tfm: HFTokenizer) -> str:
 
 def source_fingerprint(source) -> str:
     """A hash of what a store is built from: a file's path, size and modification time (every file of a folder),
-    or the values of a DataFrame or list of texts."""
+    the values of a DataFrame or list of texts, or a Hugging Face dataset's fingerprint."""
     h = hashlib.sha256()
-    if isinstance(source, (str, os.PathLike)):
+    if is_hf_dataset(source):  # datasets' own fingerprint of its contents and transforms (streamed: its description)
+        parts = source.values() if isinstance(source, dict) else [source]
+        h.update(repr([getattr(d, "_fingerprint", None) or repr(d) for d in parts]).encode())
+    elif isinstance(source, (str, os.PathLike)):
         p = Path(source).absolute()
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
         for f in files:
@@ -221,7 +224,8 @@ def _label_order(names: list[str]) -> list:
 
 
 def build_store(
-    source,  # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame or list of texts
+    source,  # Table file, IMDb-layout folder, .txt/.txt.gz corpus, DataFrame, list of texts, or a Hugging Face
+    # `datasets.Dataset` / `IterableDataset` / `DatasetDict` (train split, then validation: `io.dataset_chunks`)
     tokenizer,  # An `HFTokenizer`, a fast tokenizer, or a model folder / hub name
     out,  # The store folder to write (written to a temporary folder, then renamed)
     text_col: str | list = "text",  # Column with the texts; two columns: pairs of texts (each pair a document)
@@ -249,7 +253,10 @@ def build_store(
     tfm = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
     vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    if isinstance(source, (str, os.PathLike)):
+    if is_hf_dataset(source):
+        chunks = dataset_chunks(source, tcols, lcols or None, valid_col, chunk_rows)
+        name = f"datasets.{type(source).__name__}"
+    elif isinstance(source, (str, os.PathLike)):
         if docs not in DOCS:
             raise UlmfitError(f"docs must be lines, files or articles, not {docs!r}")
         chunks, name = iter_chunks(source, text_col, lcols or None, valid_col, docs, chunk_rows, unk=unk), str(source)
@@ -433,7 +440,7 @@ def _cached_store(source, tfm: HFTokenizer, cache, verbose: bool, **opts) -> Tok
 
 
 def as_store(
-    source,  # A `TokenStore`, a store folder, a file/folder path, a DataFrame or a list of texts
+    source,  # A `TokenStore`, a store folder, a file/folder path, a DataFrame, a list of texts, or a HF dataset
     tfm: HFTokenizer,  # The tokenizer the ids must come from
     cache=None,  # Cache folder for stores built from files (None: `default_cache()`; False: a temporary store)
     verbose: bool = True,  # Say whether the cache was used

@@ -170,9 +170,17 @@ def add_output(p: argparse.ArgumentParser):
 
 
 def add_checkpoint(p: argparse.ArgumentParser):
+    "--checkpoint-steps, --resume, --keep-checkpoints, and --report-to (the run's logs, kept beside its checkpoint)."
     p.add_argument("--checkpoint-steps", type=int, help="checkpoint every N training steps too (default: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue this command's interrupted run from OUT.checkpoint")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoint when the run finishes")
+    p.add_argument(
+        "--report-to",
+        default="none",
+        help="log every epoch to csv, tensorboard and/or wandb (comma-separated; fastai's callbacks): written to "
+        "OUT.checkpoint/logs while the run goes on, then kept in OUT/logs (wandb: WANDB_MODE=offline writes there "
+        "too; WANDB_PROJECT names the project; tensorboard and wandb: pip install 'ulmfit_tx[report]')",
+    )
 
 
 def add_training(
@@ -237,7 +245,7 @@ def check_args(a: argparse.Namespace):
     check_positive(**{n: getattr(a, n) for n in NUMERIC if hasattr(a, n)})
 
 
-NOT_SETTINGS = ("resume", "keep_checkpoints", "force", "debug", "cache", "checkpoint_steps", "command")
+NOT_SETTINGS = ("resume", "keep_checkpoints", "force", "debug", "cache", "checkpoint_steps", "command", "report_to")
 
 
 def settings_of(a: argparse.Namespace) -> dict:
@@ -250,4 +258,4 @@ def start_run(a: argparse.Namespace):
     from ..run import Run
 
     check_args(a)
-    return Run(a.out, a.force, a.resume, a.checkpoint_steps, a.keep_checkpoints, settings_of(a), a.seed)
+    return Run(a.out, a.force, a.resume, a.checkpoint_steps, a.keep_checkpoints, settings_of(a), a.seed, a.report_to)
