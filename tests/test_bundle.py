@@ -45,6 +45,7 @@ def test_bundle_loads_in_a_fresh_process_with_identical_probabilities(trained, h
         "README.md",
         "config.json",
         "model.safetensors",
+        *(["modeling_ulmfit_tx.py"] if head == "pooling" else []),  # the pooling head's code (`auto_map`)
         "tokenizer.json",
         "tokenizer_config.json",
         "ulmfit_tx.json",
@@ -78,6 +79,46 @@ def test_bundle_is_a_hugging_face_folder_with_the_same_probabilities(trained, he
     torch.testing.assert_close(probs, torch.tensor(want.iloc[:, 1:].values, dtype=probs.dtype), rtol=0, atol=1e-5)
     saved = learn.save_pretrained(tmp_path / "hf")  # the same Hugging Face folder, without ulmfit_tx.json
     assert AutoModelForSequenceClassification.from_pretrained(saved).config.id2label == model.config.id2label
+
+
+PORTABLE = (
+    "import json, sys\n"
+    "try:\n    import ulmfit_tx  # noqa\nexcept ImportError:\n    pass\n"
+    "else:\n    sys.exit('ulmfit_tx is importable here')\n"
+    "from transformers import AutoModelForSequenceClassification, pipeline\n"
+    "m = AutoModelForSequenceClassification.from_pretrained({path!r}, trust_remote_code=True)\n"
+    "pipe = pipeline('text-classification', model={path!r}, trust_remote_code=True, top_k=None)\n"
+    "print(json.dumps([type(m).__name__, pipe({texts!r})]))\n"
+)
+
+
+def test_the_pooling_bundle_loads_where_ulmfit_tx_is_not_installed(trained, tmp_path):  # noqa: F811
+    """A venv that has torch and transformers but not ulmfit_tx (nor its source on the path) loads the bundle with
+    `trust_remote_code=True`: its config names the pooling head's code, which the bundle carries."""
+    learn = trained["pooling"]
+    path = learn.export_bundle(tmp_path / "bundle")
+    assert (path / "modeling_ulmfit_tx.py").is_file()
+    assert json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling_ulmfit_tx.PoolingForSequenceClassification"
+    )
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    site = next(env.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    res = subprocess.run(
+        [str(env / "bin" / "python"), "-c", PORTABLE.format(path=str(path), texts=TEXTS)],
+        cwd=tmp_path,  # (not the repository: its ulmfit_tx/ must not be importable)
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    name, got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert name == "PoolingForSequenceClassification"
+    want = learn.predict_texts(TEXTS)
+    probs = torch.tensor([[{d["label"]: d["score"] for d in row}[str(c)] for c in learn.dls.vocab] for row in got])
+    torch.testing.assert_close(probs, torch.tensor(want.iloc[:, 1:].values, dtype=probs.dtype), rtol=0, atol=1e-5)
 
 
 def test_memory_encoder_bundle(own_models, tmp_path):

@@ -18,7 +18,7 @@ from ulmfit_tx import (
 )
 from ulmfit_tx.batching import pad_batch
 from ulmfit_tx.cli import main
-from ulmfit_tx.encoders.common import masked_concat_pool
+from ulmfit_tx.pooling import masked_concat_pool
 
 LONG = " ".join(["the film was long but the actors were good and the story moved me"] * 12)
 

@@ -19,7 +19,7 @@ from ulmfit_tx import (
     load_classifier,
 )
 from ulmfit_tx.cli import main
-from ulmfit_tx.models import pair_types
+from ulmfit_tx.pooling import pair_types
 from ulmfit_tx.tokenize import find_tokenizer
 
 FILLER = "the a movie film plot actor scene story it was and of to in this that".split()

@@ -3,8 +3,10 @@
 A bundle folder holds the Hugging Face `config.json` (for the pooling head, `PoolingClassifierConfig` around the
 encoder's config), the weights in `model.safetensors` (shared tensors stored once), the tokenizer's `save_pretrained`
 files and `ulmfit_tx.json` (head, classes, tokenization settings). Reading it runs no code from the folder: JSON,
-safetensors and the tokenizer files only. After `import ulmfit_tx` it is also a folder for
-`AutoModelForSequenceClassification.from_pretrained` and `pipeline("text-classification")`.
+safetensors and the tokenizer files only. It is also a folder for `AutoModelForSequenceClassification.from_pretrained`
+and `pipeline("text-classification")`: after `import ulmfit_tx`, or anywhere with `trust_remote_code=True`, as the
+pooling head's code is in the bundle (`modeling_ulmfit_tx.py`, a copy of `ulmfit_tx/pooling.py`, named in
+config.json's `auto_map`) for encoders of transformers' own model types.
 
 `export_onnx` writes the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read
 from the padding inside the graph; optionally int8 by ONNX Runtime's dynamic quantization) beside the config, tokenizer
@@ -27,12 +29,13 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig
 
+from . import pooling
 from ._version import __version__
 from .batching import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .io import atomic_dir, atomic_file
-from .models import PoolingClassifierConfig, SequenceClassifier, label_maps
+from .models import PoolingClassifierConfig, SequenceClassifier, base_kwargs, label_maps
 from .store import tokenizer_fingerprint
 from .tasks import MULTI, REGRESSION, SINGLE, Task
 from .tokenize import HFTokenizer
@@ -56,6 +59,7 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = 2
+MODELING_FILE = "modeling_ulmfit_tx.py"  # the pooling head's code in a bundle (`ulmfit_tx/pooling.py`)
 META_FILE, WEIGHTS_FILE = "ulmfit_tx.json", "model.safetensors"
 ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in a bundle
 
@@ -106,15 +110,37 @@ def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> tuple[P
     if model.head is None:
         model.hf.config.problem_type = task.problem_type
         return model.hf.config, model.hf
+    enc = model.hf.config
+    portable = type(enc).__module__.startswith("transformers.")  # (not an encoder type of ulmfit_tx's own)
+    module = MODELING_FILE.removesuffix(".py")
     config = PoolingClassifierConfig(
-        encoder=model.hf.config.to_dict(),
+        encoder=enc.to_dict(),
+        encoder_kwargs=base_kwargs(enc.model_type),
         pooling=model.head.config,
         type_sep=model.type_sep,
         pad_token_id=tfm.pad_id,
         problem_type=task.problem_type,
         **label_maps(task.classes),
+        **(
+            {
+                "auto_map": {
+                    "AutoConfig": f"{module}.PoolingClassifierConfig",
+                    "AutoModelForSequenceClassification": f"{module}.PoolingForSequenceClassification",
+                }
+            }
+            if portable
+            else {}
+        ),
     )
     return config, model
+
+
+def _write_config(model: SequenceClassifier, tfm: HFTokenizer, task: Task, folder: Path):
+    "config.json and, for the pooling head, its code (`modeling_ulmfit_tx.py`, which `auto_map` names)."
+    config = _hf_form(model, tfm, task)[0]
+    config.save_pretrained(folder)
+    if getattr(config, "auto_map", None):
+        shutil.copyfile(pooling.__file__, Path(folder) / MODELING_FILE)
 
 
 def write_hf(
@@ -126,9 +152,8 @@ def write_hf(
     """Write the classifier as a Hugging Face folder into `folder`: `config.json`, `model.safetensors` and the
     tokenizer, what `AutoModelForSequenceClassification` and `pipeline("text-classification")` read."""
     folder = Path(folder)
-    config, module = _hf_form(model, tfm, task)
-    config.save_pretrained(folder)
-    save_model(module, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_config(model, tfm, task, folder)
+    save_model(_hf_form(model, tfm, task)[1], str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     _save_tokenizer(model, tfm, folder)
     return folder
 
@@ -309,6 +334,8 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, Task]:
             f"{path}: config.json is a {config.model_type!r} model, not the {meta['head']} head {META_FILE} names"
         )
     tfm = _read_tokenizer(p, meta, (config.encoder_config() if pooling else config).vocab_size)
+    if pooling and config.encoder_kwargs is None:  # (bundles written before the field)
+        config.encoder_kwargs = base_kwargs(config.encoder["model_type"])
     hf = AutoModelForSequenceClassification.from_config(config)
     try:
         load_model(hf, str(p / WEIGHTS_FILE))
@@ -449,7 +476,7 @@ def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, tas
             )
         return []
     stage.mkdir()
-    _hf_form(model, tfm, task)[0].save_pretrained(stage)
+    _write_config(model, tfm, task, stage)
     _save_tokenizer(model, tfm, stage)
     (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     clash = sorted(f.name for f in stage.iterdir() if (folder / f.name).exists())

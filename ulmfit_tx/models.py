@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fastai.layers import LinBnDrop
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -18,14 +17,18 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .archs import ARCHS
 from .encoders import MEMORY_MODEL_TYPES
-from .encoders.common import masked_concat_pool
 from .errors import UlmfitError
 from .io import model_source
 from .kernels import use_fast_kernels
+from .pooling import (
+    PoolingClassifierConfig,
+    PoolingClassifierHead,
+    PoolingForSequenceClassification,
+    pair_types,
+)
 
 __all__ = [
     "load_hf",
@@ -47,6 +50,7 @@ __all__ = [
     "load_config",
     "has_mlm_head",
     "default_clf_max_len",
+    "base_kwargs",
 ]
 
 AUTO = {
@@ -70,7 +74,7 @@ def load_hf(src, family: str = "base", **kwargs) -> PreTrainedModel:
         ) from None
 
 
-def _base_kwargs(model_type: str) -> dict:
+def base_kwargs(model_type: str) -> dict:
     "Keyword arguments that build a base model without the pooler we do not use."
     spec = ARCHS.get(model_type)
     return {"add_pooling_layer": False} if spec and spec.has_pooler else {}
@@ -187,7 +191,7 @@ class ContrastiveEncoder(PortableHF):
             halves,
         )
         self.register_buffer("special_ids", torch.tensor(special_ids or [], dtype=torch.long), persistent=False)
-        self.hf_kwargs = _base_kwargs(hf.config.model_type)
+        self.hf_kwargs = base_kwargs(hf.config.model_type)
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         "One embedding per text: ids (B, L), tokens to read (default: all but padding) -> (B, D)."
@@ -233,99 +237,9 @@ class MargeLM(PortableHF):
         return self.hf.logits(h[labels != -100])  # (N, V)
 
 
-def pair_types(ids: torch.Tensor, sep: int, mask: torch.Tensor) -> torch.Tensor:
-    """Token type ids of pairs of texts encoded as [CLS] a [SEP] b [SEP]: 0 up to the first `sep` token (included), 1
-    after it, 0 at padding; what the tokenizer gives as `token_type_ids`, read from the ids (so ids stay the only
-    input, of the ONNX graph too)."""
-    at = (ids == sep).long()  # (B, L)
-    return ((at.cumsum(1) - at).clamp(max=1) * mask).long()  # (B, L): 1 after the first separator
-
-
 def type_sep(config: PreTrainedConfig, sep: int | None) -> int | None:
     "The separator `pair_types` reads for an encoder that has token types (`sep`: a pair tokenizer's; None: no pair)."
     return sep if sep is not None and getattr(config, "type_vocab_size", 1) > 1 else None
-
-
-class PoolingClassifierHead(nn.Module):
-    """ULMFiT's classifier head (fastai's `PoolingLinearClassifier`) on transformer states: the first
-    token, the masked mean and the masked max, concatenated, then `LinBnDrop` layers."""
-
-    def __init__(
-        self,
-        hidden: int,  # Size of the encoder's hidden states
-        n_out: int,  # Number of classes
-        lin_ftrs: list | None = None,  # Sizes of the hidden linear layers (fastai's default: [50])
-        ps: list | None = None,  # Dropout of each hidden layer (default 0.1 each)
-        output_p: float = 0.1,  # Dropout on the pooled features
-    ):
-        super().__init__()
-        lin_ftrs = [50] if lin_ftrs is None else list(lin_ftrs)
-        ps = [0.1] * len(lin_ftrs) if ps is None else list(ps)
-        self.config = dict(
-            hidden=hidden, n_out=n_out, lin_ftrs=lin_ftrs, ps=ps, output_p=output_p
-        )  # rebuilds it (bundles)
-        dims, ps = [hidden * 3] + lin_ftrs + [n_out], [output_p] + ps
-        acts = [nn.ReLU(inplace=True)] * len(lin_ftrs) + [None]
-        self.layers = nn.Sequential(
-            *[LinBnDrop(i, o, p=p, act=a) for i, o, p, a in zip(dims[:-1], dims[1:], ps, acts)]
-        )
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layers(masked_concat_pool(h, mask))  # (B, H) -> (B, n_out)
-
-
-class PoolingClassifierConfig(PreTrainedConfig):
-    """An encoder with ULMFiT's pooling head, as a Hugging Face config: what a pooling classifier's bundle holds as
-    `config.json`, so `AutoModelForSequenceClassification` and `pipeline("text-classification")` load the bundle."""
-
-    model_type = "ulmfit_tx_pooling"
-    encoder: dict | None = None  # The encoder's config as a dict (any registered model type)
-    pooling: dict | None = None  # `PoolingClassifierHead`'s arguments (hidden, n_out, lin_ftrs, ps, output_p)
-    type_sep: int | None = None  # Pairs of texts: the separator token after which token types are 1 (`pair_types`)
-
-    def encoder_config(self) -> PreTrainedConfig:
-        "The encoder's config object, of its model type's config class."
-        return CONFIG_MAPPING[self.encoder["model_type"]].from_dict(self.encoder)
-
-
-class PoolingForSequenceClassification(PreTrainedModel):
-    """The Hugging Face face of a pooling classifier: the encoder `hf` and `head`, the same modules (and weight names)
-    as `SequenceClassifier`'s, so one safetensors file serves both. The attention mask defaults to the padding."""
-
-    config_class = PoolingClassifierConfig
-    base_model_prefix = "hf"
-
-    def __init__(self, config: PoolingClassifierConfig):
-        super().__init__(config)
-        enc = config.encoder_config()
-        self.hf = AutoModel.from_config(enc, **_base_kwargs(enc.model_type))
-        self.head = PoolingClassifierHead(**config.pooling)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        mask = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()  # (B, L)
-        types = {}
-        if self.config.type_sep is not None:  # a pair classifier: the tokenizer's types, or read from the ids
-            types["token_type_ids"] = (
-                pair_types(input_ids, self.config.type_sep, mask) if token_type_ids is None else token_type_ids
-            )
-        logits = self.head(self.hf(input_ids=input_ids, attention_mask=mask, **types).last_hidden_state, mask)
-        return SequenceClassifierOutput(loss=None if labels is None else self._loss(logits, labels), logits=logits)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        "The loss of `config.problem_type`, as Hugging Face's own heads compute it."
-        if self.config.problem_type == "regression":
-            return nn.functional.mse_loss(logits.squeeze(-1), labels.float().view(-1))
-        if self.config.problem_type == "multi_label_classification":
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
-        return nn.functional.cross_entropy(logits, labels)
 
 
 AutoConfig.register(PoolingClassifierConfig.model_type, PoolingClassifierConfig, exist_ok=True)
@@ -354,7 +268,7 @@ class SequenceClassifier(PortableHF):
         self.hf, self.pad_id, self.head, self.chunk_len = use_fast_kernels(hf), pad_id, head, chunk_len
         self.type_sep = type_sep
         self.hf_family = "base" if head is not None else "sequence_classification"
-        self.hf_kwargs = _base_kwargs(hf.config.model_type) if head is not None else {}
+        self.hf_kwargs = base_kwargs(hf.config.model_type) if head is not None else {}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.chunk_len is not None:
@@ -430,7 +344,7 @@ def classifier_model(
         )
         _check_vocab(hf, tok, src)
         return SequenceClassifier(hf, tok.pad_token_id, chunk_len=chunk_len, type_sep=type_sep(hf.config, pair_sep))
-    hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
+    hf = src if isinstance(src, PreTrainedModel) else load_hf(src, "base", **base_kwargs(load_config(src).model_type))
     _check_vocab(hf, tok, src)
     head = PoolingClassifierHead(hf.config.hidden_size, n_out, **head_kwargs)
     return SequenceClassifier(hf, tok.pad_token_id, head, chunk_len, type_sep(hf.config, pair_sep))
@@ -461,9 +375,9 @@ def marge_model(
             )
         fresh = from_config or isinstance(src, PreTrainedConfig)
         enc = (
-            AutoModel.from_config(config, **_base_kwargs(config.model_type))
+            AutoModel.from_config(config, **base_kwargs(config.model_type))
             if fresh
-            else load_hf(src, "base", **_base_kwargs(config.model_type))
+            else load_hf(src, "base", **base_kwargs(config.model_type))
         )
         kwargs.setdefault("retrieval_layer", max(1, config.num_hidden_layers // 2))
         try:
@@ -478,7 +392,7 @@ def contrastive_model(
     src, tok, pooling: str = "mean", deletion: float = 0.0, halves: bool = True
 ) -> ContrastiveEncoder:
     "A `ContrastiveEncoder` around the base model of a model folder, hub name or model (any head is dropped)."
-    hf = load_hf(src, "base", **_base_kwargs(load_config(src).model_type))
+    hf = load_hf(src, "base", **base_kwargs(load_config(src).model_type))
     if hf.config.model_type in MEMORY_MODEL_TYPES:
         raise UlmfitError(
             f"{src}: memory encoders read texts segment by segment; contrastive adaptation needs one pass"

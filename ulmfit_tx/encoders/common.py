@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..kernels import Dropout, attend
+from ..pooling import masked_concat_pool
 
 __all__ = [
     "EncoderConfig",
@@ -217,15 +218,6 @@ class RelativePositionBias(nn.Module):
         if k_has_pos is not None:
             b = torch.where(k_has_pos[None, :], b, self.num_buckets)
         return self.bias(b).permute(2, 0, 1)[None]  # (1, H, Q, K)
-
-
-def masked_concat_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "ULMFiT's concat pooling over real tokens: first token, mean and max of h (B, L, D) -> (B, 3D)."
-    m = mask.unsqueeze(-1)  # (B, L, 1)
-    first = h[torch.arange(h.shape[0], device=h.device), mask.int().argmax(1)]  # (B, D) first real token
-    mean = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
-    mx = h.masked_fill(~m, torch.finfo(h.dtype).min).max(1).values  # (B, D)
-    return torch.cat([first, mean, mx], dim=1)
 
 
 class MLMHead(nn.Module):
