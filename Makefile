@@ -25,7 +25,7 @@ $(BIN)/python:
 $(VENV)/.installed: settings.ini setup.py | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
 	$(BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,onnx,report]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,onnx,report,serve]"
 	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/pip uninstall -q -y torchvision
 	$(BIN)/python -c "import ulmfit_tx, transformers, fastai; print('installed ulmfit_tx', ulmfit_tx.__version__)"
 	touch $@

@@ -99,6 +99,17 @@ def test_a_pair_classifier_learns_from_the_second_text_and_round_trips(bert_dir,
     pd.testing.assert_frame_equal(load_classifier(bundle).predict_texts(pairs), want, atol=1e-5)
     assert learn.export_onnx(bundle / "model.onnx")["max_abs_diff"] < 1e-4
     pd.testing.assert_frame_equal(load_classifier(bundle, backend="onnx").predict_texts(pairs), want, atol=1e-4)
+    if head == "pooling":  # served over HTTP: one pair, or several
+        from fastapi.testclient import TestClient
+
+        from ulmfit_tx.serve import create_app
+
+        with TestClient(create_app(bundle)) as client:
+            one = client.post("/predict", json={"text": pairs.claim[0], "text_pair": pairs.answer[0]}).json()
+            many = client.post("/predict", json={"pairs": pairs.values.tolist()}).json()
+            assert client.post("/predict", json={"texts": ["one text"]}).status_code == 422
+        assert one["predictions"][0]["label"] == want.label[0]
+        assert [p["label"] for p in many["predictions"]] == want.label.tolist()
     pipe = pipeline("text-classification", model=str(bundle), top_k=None)  # the tokenizer's pair and token types
     got = pipe([{"text": a, "text_pair": b} for a, b in pairs.itertuples(index=False)])
     for row, scores in zip(want.itertuples(), got):

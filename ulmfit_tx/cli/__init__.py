@@ -19,6 +19,7 @@ VERBS = {
     "train-clf": "train_clf",
     "predict": "predict",
     "export-onnx": "export_onnx",
+    "serve": "serve",
     "fill-mask": "fill_mask",
     "lr-find": "lr_find",
 }  # verb -> its module in this package
