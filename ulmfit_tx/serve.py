@@ -11,6 +11,7 @@
 import asyncio  # (no `from __future__ import annotations`: FastAPI reads the endpoints' annotations as classes)
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,13 +27,15 @@ EXTRA = "pip install 'ulmfit_tx[serve]'"  # fastapi and uvicorn
 class MicroBatcher:
     """Gathers the items of concurrent `submit` calls into batches for `predict` (a blocking function of a list of
     items, run in a worker thread, one batch at a time): a batch starts with the first waiting request and takes the
-    requests that arrive within `max_wait_ms`, up to `max_batch` items (a larger request is a batch of its own)."""
+    requests that queued while the last batch ran, and those that arrive within `max_wait_ms`, up to `max_batch`
+    items (a larger request is a batch of its own). With `max_wait_ms=0` an idle server answers at once and a busy
+    one batches what arrived meanwhile."""
 
     def __init__(
         self,
         predict: Callable[[list], list],  # items -> one result per item, in order
         max_batch: int = 32,  # Most items a forward pass takes from several requests
-        max_wait_ms: float = 5.0,  # How long the first request of a batch waits for others
+        max_wait_ms: float = 0.0,  # How long the first request of a batch waits for others to arrive
     ):
         if max_batch < 1 or max_wait_ms < 0:
             raise UlmfitError(f"max_batch must be >= 1 and max_wait_ms >= 0, not {max_batch} and {max_wait_ms}")
@@ -40,7 +43,9 @@ class MicroBatcher:
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.carry = None  # a request that did not fit the last batch: the first of the next
-        self.stats = {"requests": 0, "texts": 0, "batches": 0, "largest_batch": 0}
+        # one thread runs every batch: torch's (OpenMP) worker threads stay one team, not one per calling thread
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ulmfit_tx-predict")
+        self.stats = {"requests": 0, "texts": 0, "batches": 0, "largest_batch": 0, "predict_s": 0.0}
 
     async def submit(self, items: list) -> list:
         "The results of `items`, computed in a batch with the other requests' items."
@@ -56,9 +61,15 @@ class MicroBatcher:
             batch, n, deadline = [first], len(first[0]), time.monotonic() + self.max_wait
             while n < self.max_batch:
                 try:
-                    nxt = await asyncio.wait_for(self.queue.get(), max(deadline - time.monotonic(), 0))
-                except asyncio.TimeoutError:
-                    break
+                    nxt = self.queue.get_nowait()  # what queued while the last batch ran
+                except asyncio.QueueEmpty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self.queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
                 if n + len(nxt[0]) > self.max_batch:  # it starts the next batch
                     self.carry = nxt
                     break
@@ -67,9 +78,9 @@ class MicroBatcher:
             await self._serve(batch, n)
 
     async def _serve(self, batch: list, n: int):
-        items = [it for its, _ in batch for it in its]
+        items, t0 = [it for its, _ in batch for it in its], time.perf_counter()
         try:
-            out = await asyncio.to_thread(self.predict, items)
+            out = await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, items)
         except Exception as e:  # every request of the batch gets the error
             for _, done in batch:
                 if not done.done():
@@ -79,6 +90,7 @@ class MicroBatcher:
         self.stats["texts"] += n
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
+        self.stats["predict_s"] += time.perf_counter() - t0
         start = 0
         for its, done in batch:
             if not done.done():  # (a client that went away)
@@ -117,7 +129,7 @@ def create_app(
     backend: str = "torch",  # "torch" or "onnx" (the bundle's ONNX graph)
     int8: bool = False,  # onnx: the int8 graph
     max_batch: int = 32,  # Most texts one forward pass takes from concurrent requests
-    max_wait_ms: float = 5.0,  # How long a request waits for others to share its forward pass
+    max_wait_ms: float = 0.0,  # How long a request waits for others to arrive (they queue while a batch runs)
     max_texts: int = 256,  # Most texts (or pairs) one request may send
     max_chars: int = 100_000,  # Longest text a request may send, in characters
     max_body: int = 8 * 2**20,  # Largest request body, in bytes

@@ -15,8 +15,9 @@ def add_arguments(p):
     p.add_argument(
         "--max-wait-ms",
         type=float,
-        default=5.0,
-        help="how long a request waits for others to share its forward pass (default 5)",
+        default=0.0,
+        help="how long a request waits for others to share its forward pass (default 0: a batch is what queued "
+        "while the last one ran)",
     )
     p.add_argument("--max-texts", type=int, default=256, help="most texts one request may send (default 256)")
     p.add_argument("--max-chars", type=int, default=100_000, help="longest text, in characters (default 100000)")
