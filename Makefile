@@ -47,7 +47,7 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start ))s; metrics, plots and export.pkl in $(DEMO_OUT)/"
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # ruff with the settings in ruff.toml: the linter, then the formatter in check mode (`ruff format .` applies it).
 lint: install

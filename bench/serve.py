@@ -84,13 +84,14 @@ def start(kind: str, bundle: Path, a) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "ulmfit_tx.cli", "serve", "--model", str(bundle), "--port", str(port), *backend,
                *(["--int8"] if kind == "serve_int8" else []), "--max-batch", str(a.max_batch),
                "--max-wait-ms", str(a.max_wait_ms)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(WORK / "serve" / f"{kind}.log", "w")  # (a pipe nobody reads would stall the server once full)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
     for _ in range(1200):
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} did not start: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{kind} did not start: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
