@@ -22,6 +22,7 @@ setup(
         "dev": c["dev_requirements"].split(),
         "onnx": c["onnx_requirements"].split(),
         "report": c["report_requirements"].split(),
+        "serve": c["serve_requirements"].split(),
     },
     entry_points={"console_scripts": c["console_scripts"].split()},
 )
