@@ -1,5 +1,5 @@
 """A classifier over HTTP: a FastAPI app around `load_classifier` whose concurrent requests are gathered into batches
-(dynamic micro-batching: one forward pass for the texts of every request that arrived within `max_wait_ms`, up to
+(continuous micro-batching: one forward pass for the texts of every request that queued while the last one ran, up to
 `max_batch` texts). `ulmfit-tx serve` runs it with uvicorn, which drains the requests in flight on SIGTERM.
 
     POST /predict   {"text": "..."} | {"texts": [...]}
