@@ -211,6 +211,7 @@ def setfit(a, model: str, train: pd.DataFrame, test: pd.DataFrame) -> dict:
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "work" / "setfit"),  # (its checkpoints; the default is ./checkpoints)
         batch_size=16, num_epochs=1, num_iterations=20, seed=a.clf_seed, show_progress_bar=False,
+        report_to="none",  # (its default, "all", logs to every installed tracker: wandb would ask for a login)
     )  # fmt: skip
     rows = Dataset.from_pandas(train[["text", "label"]].reset_index(drop=True))
     t0 = time.time()
