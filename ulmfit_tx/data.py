@@ -140,11 +140,7 @@ def clas_dataloaders(
     tfm = HFTokenizer(tokenizer, max_len, truncate, chunks=chunks, pair=len(text_columns(text_col)) == 2)
     opts = dict(task=task, label_delim=label_delim, classes=classes) if task or label_delim or classes else {}
     store = as_store(source, tfm, cache, text_col=text_col, label_col=label_col, valid_col=valid_col, **opts)
-    if store.pair != tfm.pair:
-        raise UlmfitError(
-            f"{store.path}: the token store holds {'pairs of texts' if store.pair else 'single texts'}: "
-            + ("give the two text columns it was built from" if store.pair else "build it from the two text columns")
-        )
+    store.check_pair(tfm)
     dsets = Datasets(
         range(len(store)),
         tfms=[[StoreText(store, tfm), tfm], [StoreLabel(store), *store_task(store).target_tfms()]],

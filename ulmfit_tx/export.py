@@ -135,12 +135,14 @@ def _hf_form(model: SequenceClassifier, tfm: HFTokenizer, task: Task) -> tuple[P
     return config, model
 
 
-def _write_config(model: SequenceClassifier, tfm: HFTokenizer, task: Task, folder: Path):
-    "config.json and, for the pooling head, its code (`modeling_ulmfit_tx.py`, which `auto_map` names)."
-    config = _hf_form(model, tfm, task)[0]
+def _write_config(model: SequenceClassifier, tfm: HFTokenizer, task: Task, folder: Path) -> nn.Module:
+    """config.json and, for the pooling head, its code (`modeling_ulmfit_tx.py`, which `auto_map` names); returns the
+    module whose weights go with that config (`_hf_form`)."""
+    config, module = _hf_form(model, tfm, task)
     config.save_pretrained(folder)
     if getattr(config, "auto_map", None):
         shutil.copyfile(pooling.__file__, Path(folder) / MODELING_FILE)
+    return module
 
 
 def write_hf(
@@ -152,8 +154,8 @@ def write_hf(
     """Write the classifier as a Hugging Face folder into `folder`: `config.json`, `model.safetensors` and the
     tokenizer, what `AutoModelForSequenceClassification` and `pipeline("text-classification")` read."""
     folder = Path(folder)
-    _write_config(model, tfm, task, folder)
-    save_model(_hf_form(model, tfm, task)[1], str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    module = _write_config(model, tfm, task, folder)
+    save_model(module, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     _save_tokenizer(model, tfm, folder)
     return folder
 

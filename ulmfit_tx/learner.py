@@ -147,9 +147,7 @@ class ClassifierLearner(HFLearner):
         tfm = self.tokenizer
         if isinstance(texts, TokenStore):
             texts.check_tokenizer(tfm)
-            if texts.pair != tfm.pair:
-                raise UlmfitError(f"{texts.path}: a store of {'pairs' if texts.pair else 'single texts'}, "
-                                  f"the model reads {'pairs' if tfm.pair else 'single texts'}")  # fmt: skip
+            texts.check_pair(tfm)
             ids = [tfm.wrap(texts.doc(i), first=texts.first(i)) for i in range(len(texts))]
         else:
             ids = tfm.encode_batch(texts if isinstance(texts, pd.DataFrame) else list(texts))

@@ -187,6 +187,18 @@ class TokenStore:
                 f"{where}'s; build the store with that model's tokenizer (ulmfit-tx tokenize --model ...)"
             )
 
+    def check_pair(self, tfm: HFTokenizer):
+        "Refuse a store of pairs of texts read by a single-text tokenizer transform `tfm`, or the reverse."
+        if self.pair != tfm.pair:
+            raise UlmfitError(
+                f"{self.path}: the token store holds {'pairs of texts' if self.pair else 'single texts'}: "
+                + (
+                    "give the two text columns it was built from"
+                    if self.pair
+                    else "build it from the two text columns"
+                )
+            )
+
     def __getstate__(self):
         return {"path": self.path, "meta": self.meta}
 
