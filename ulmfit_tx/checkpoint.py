@@ -5,6 +5,7 @@ run from the same stage and schedule position, on the same batches, as if it had
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -19,7 +20,7 @@ from fastai.callback.tracker import SaveModelCallback
 from fastcore.foundation import L
 
 from .errors import UlmfitError
-from .io import atomic_file
+from .files import AGAIN, DiskFull, atomic_file, disk_full
 
 __all__ = ["Position", "CheckpointCallback", "Interrupted", "KeepBest", "rng_states", "set_rng_states"]
 
@@ -254,11 +255,19 @@ class CheckpointCallback(Callback):
                 if hasattr(cb, "checkpoint_state")
             },
         }
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.folder / CKPT) as tmp:
-            torch.save(ck, tmp)
-        with atomic_file(self.folder / STATE) as tmp:
-            tmp.write_text(json.dumps({"position": pos.__dict__}) + "\n")
+        had = (self.folder / CKPT).exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.folder / CKPT) as tmp, open(tmp, "wb") as f:
+                torch.save(ck, f)  # (through a Python file, a full disk raises ENOSPC rather than a zip writer error)
+            with atomic_file(self.folder / STATE) as tmp:
+                tmp.write_text(json.dumps({"position": pos.__dict__}) + "\n")
+        except DiskFull as e:
+            if not had:  # (an empty folder; one with logs stays)
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+            hint = "the previous checkpoint is intact: free some space and rerun with --resume to continue from it"
+            raise disk_full(e.path, hint if had else f"no checkpoint was written: {AGAIN}") from None
 
     def save_deferred(self):
         "Write the checkpoint that `defer_last` held back (the run's trained weights), if there is one."

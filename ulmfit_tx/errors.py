@@ -20,7 +20,15 @@ __all__ = [
 
 
 class UlmfitError(ValueError):
-    "Bad input named in one line: the CLI prints it without a traceback."
+    """Bad input named in one line: the CLI prints it without a traceback. Its text stays that line when raised in a
+    fastai callback (fastai rewrites `args` with the event's name)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.line = str(args[0]) if args else ""
+
+    def __str__(self) -> str:
+        return self.line
 
 
 def _rows(idx, n_show: int = 5) -> str:

@@ -34,7 +34,7 @@ from ._version import __version__
 from .batching import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
-from .io import atomic_dir, atomic_file
+from .files import atomic_dir, atomic_file, file_digest, temp_prefix
 from .models import PoolingClassifierConfig, SequenceClassifier, base_kwargs, label_maps
 from .store import tokenizer_fingerprint
 from .tasks import MULTI, REGRESSION, SINGLE, Task
@@ -351,6 +351,13 @@ def read_bundle(path) -> tuple[SequenceClassifier, HFTokenizer, Task]:
         model = SequenceClassifier(hf.hf, tfm.pad_id, hf.head, tfm.max_len if tfm.chunks > 1 else None, sep)
     else:
         model = SequenceClassifier(hf, tfm.pad_id, type_sep=sep)
+    fingerprint = weights_fingerprint(model)  # (MiniLM-L6: 0.06 s)
+    if meta.get("weights_fingerprint", fingerprint) != fingerprint:
+        raise UlmfitError(
+            f"{path}: {WEIGHTS_FILE} holds other weights than those {META_FILE} was written with (their fingerprint "
+            f"is not {meta['weights_fingerprint']}): it was replaced, perhaps by another model's; put back this "
+            "bundle's file, or export the bundle again"
+        )
     return model.eval(), tfm, task_meta(meta)
 
 
@@ -507,6 +514,14 @@ def _stage_beside(folder: Path, model: SequenceClassifier, tfm: HFTokenizer, tas
     return list(stage.iterdir())
 
 
+def _record_onnx(meta_file: Path, name: str, graph: Path):
+    "Note the checksum of the ONNX file `graph` (to be named `name`) in the `ulmfit_tx.json` at `meta_file`."
+    meta = json.loads(meta_file.read_text())
+    meta.setdefault("onnx_digests", {})[name] = file_digest(graph)
+    with atomic_file(meta_file) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def export_onnx(
     model: SequenceClassifier,  # The classifier (`learn.model`)
     tfm: HFTokenizer,  # Its tokenizer transform (`learn.tokenizer`)
@@ -535,7 +550,7 @@ def export_onnx(
     if not path.parent.is_dir():
         raise UlmfitError(f"{path.parent}: no such folder")
     t0 = time.perf_counter()
-    with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
+    with atomic_file(path) as tmp, tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as work:
         beside = _stage_beside(path.parent, model, tfm, task, Path(work) / "beside")
         m, fp32 = _graph_ready(model), Path(work) / "model.onnx" if int8 else tmp
         example = pad_batch(
@@ -569,6 +584,7 @@ def export_onnx(
                 f"the ONNX graph's outputs differ from PyTorch's by up to {diff:.2e} (more than 1e-4) on "
                 f"the sample texts: not written. Report the model type ({mt!r}) and onnxruntime {ort.__version__}"
             )
+        _record_onnx(Path(work) / "beside" / META_FILE if beside else path.parent / META_FILE, path.name, tmp)
         for f in beside:
             shutil.move(f, path.parent / f.name)
     return {
@@ -600,5 +616,11 @@ def read_onnx(path, int8: bool = False) -> tuple[OnnxClassifier, HFTokenizer, Ta
             flag = " --int8" if int8 else ""
             hint = f"write it with: ulmfit-tx export-onnx --model {folder}{flag} (or learn.export_onnx)"
         raise UlmfitError(f"{folder}: no {file.name}; {hint}")
+    digests = meta.get("onnx_digests")  # (none in bundles exported before they were recorded)
+    if digests and file_digest(file) not in digests.values():
+        raise UlmfitError(
+            f"{file}: not an ONNX graph exported from this folder's model (its checksum is none of those "
+            f"{META_FILE} records): export it again (ulmfit-tx export-onnx --model {folder} --force)"
+        )
     tfm = _read_tokenizer(folder, meta)
     return OnnxClassifier(file), tfm, task_meta(meta)

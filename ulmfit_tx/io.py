@@ -1,15 +1,11 @@
 """Reading text tables, folders and plain-text corpora (whole, or streamed in chunks for the token store),
-and writing output folders and files atomically."""
+and where a model comes from (a local folder or a hub name)."""
 
 from __future__ import annotations
 
 import gzip
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +25,6 @@ __all__ = [
     "label_columns",
     "text_columns",
     "has_column",
-    "atomic_dir",
-    "atomic_file",
-    "check_out_dir",
     "model_source",
 ]
 
@@ -437,52 +430,6 @@ def has_column(path, name: str) -> bool:
     if p.is_dir():
         return name == "label" and _is_class_folder(p)
     return p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and name in _table_columns(p)
-
-
-def check_out_dir(out, force: bool = False) -> Path:
-    "Refuse an existing output folder unless `force`, before any work starts."
-    out = Path(out)
-    if out.exists() and not force:
-        raise UlmfitError(f"{out}: already exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise UlmfitError(f"{out}: exists and is not a folder")
-    return out
-
-
-@contextmanager
-def atomic_file(path):
-    "Yield a temporary path beside `path`; when the block succeeds it replaces `path`, else it is removed."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_dir(out, force: bool = False):
-    """Yield a temporary folder beside `out`; when the block succeeds it becomes `out` (replacing an
-    existing one only with `force`). On failure it is removed and `out` is left as it was."""
-    out = check_out_dir(out, force).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_source(src) -> str:

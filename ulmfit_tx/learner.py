@@ -26,7 +26,7 @@ from .distributed import ShardedTrainer, is_rank0
 from .encoders import MEMORY_MODEL_TYPES, MargeConfig
 from .errors import UlmfitError, check_max_len
 from .export import export_bundle, export_onnx, read_bundle, read_onnx, write_hf
-from .io import atomic_dir
+from .files import atomic_dir
 from .memory import MemoryCallback
 from .mlm import MaskedAccuracy, MaskedPerplexity, fill_mask, mlm_loss
 from .models import (

@@ -23,7 +23,7 @@ from .checkpoint import CKPT, CheckpointCallback, KeepBest
 from .distributed import is_rank0, rank0_only
 from .errors import UlmfitError
 from .export import write_bundle
-from .io import atomic_dir, check_out_dir
+from .files import AGAIN, DiskFull, atomic_dir, check_out_dir, disk_full
 from .precision import precision_of
 from .report import finish_reports, parse_report_to, report_callbacks
 from .schedule import Stage, fit_stages
@@ -122,12 +122,28 @@ class Run:
                 yield tmp
                 if tmp is not None:
                     self._keep_logs(tmp)
+        except DiskFull as e:
+            finish_reports(self.reports, failed=True)
+            raise disk_full(e.path, f"nothing was written; {self._resume_hint()}") from None
         except BaseException:
             finish_reports(self.reports, failed=True)
             self.checkpoint.save_deferred()
             raise
         if not self.keep:
             self.checkpoint.remove()
+
+    def _resume_hint(self) -> str:
+        "What to do after the outputs could not be written for want of space: resume from the trained weights."
+        try:
+            self.checkpoint.save_deferred()
+            then = "to write the outputs from it"
+        except DiskFull:  # no room for the last epoch's checkpoint either: the one before it stays
+            then = "to continue from it"
+        if (self.checkpoint.folder / CKPT).exists():
+            return (
+                f"the checkpoint in {self.checkpoint.folder} is intact: free some space and rerun with --resume {then}"
+            )
+        return AGAIN
 
     def _keep_logs(self, tmp: Path):
         "The reporters' files (the W&B run ended first) copied into the output folder as `logs/`."
@@ -161,14 +177,15 @@ class Run:
         return self.out
 
     def _write_classifier(self, learn, metrics, tmp, hf):
-        path, learn.path = learn.path, tmp
+        path, opt, dls = learn.path, learn.opt, learn.dls
+        learn.path = tmp
         try:
             with learn.removed_cbs(
                 self.reports
             ):  # (loggers hold files and runs: not part of the learner a user loads)
                 learn.export("export.pkl")
-        finally:
-            learn.path = path
+        finally:  # (fastai's export takes the optimizer and data away while it writes, and leaves them so if it fails)
+            learn.path, learn.opt, learn.dls = path, opt, dls
         write_bundle(learn.model, learn.tokenizer, learn.task, tmp, metrics)
         write_json(tmp / "metrics.json", metrics)
         plots.plot_losses(self.history, tmp / "loss.png")

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import UlmfitError, check_texts, valid_mask
-from .io import DOCS, atomic_dir, dataset_chunks, is_hf_dataset, iter_chunks, label_columns, text_columns
+from .files import atomic_dir, file_digest, remove_stale, temp_prefix
+from .io import DOCS, dataset_chunks, is_hf_dataset, iter_chunks, label_columns, text_columns
 from .tasks import MULTI, REGRESSION, SINGLE, infer_task, label_values
 from .tokenize import HFTokenizer
 
@@ -30,6 +31,7 @@ __all__ = [
     "TokenStore",
     "build_store",
     "tokenizer_fingerprint",
+    "id_limit",
     "source_fingerprint",
     "default_cache",
     "cached_store",
@@ -46,6 +48,11 @@ FILES = {
     "firsts": "firsts.bin",
 }
 LABEL_DTYPES = {SINGLE: np.int32, REGRESSION: np.float32}  # (multi_label: a uint8 matrix, documents x classes)
+
+
+def id_limit(tfm: HFTokenizer) -> int:
+    "One more than the largest token id `tfm`'s tokenizer can give (its vocabulary with the added tokens)."
+    return max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
 
 
 def tokenizer_fingerprint(tfm: HFTokenizer) -> str:
@@ -140,6 +147,7 @@ class TokenStore:
         self.is_valid = self._map("valid", np.bool_, m["n_docs"]) if m["has_valid"] else None
         self.firsts = self._map("firsts", np.int32, n) if self.pair else None  # (n_docs,) a pair's first text's length
         self._reads = 0
+        self.limit = None  # ids at or above it are refused by `doc` (set by `check_tokenizer`)
 
     def __len__(self) -> int:
         return self.meta["n_docs"]
@@ -165,7 +173,13 @@ class TokenStore:
     def doc(self, i: int) -> np.ndarray:
         "Token ids of document `i` (a view of the map)."
         self._release()
-        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+        d = self.ids[self.offsets[i] : self.offsets[i + 1]]
+        if self.limit is not None and d.size and d.max() >= self.limit:
+            raise UlmfitError(
+                f"{self.path}: document {i} has the token id {int(d.max())}, beyond the tokenizer's {self.limit} ids: "
+                f"the store is damaged (ulmfit-tx tokenize --verify {self.path} checks it); build it again"
+            )
+        return d
 
     def first(self, i: int) -> int | None:
         "How many of document `i`'s ids are its first text's (pairs; None: single texts): `HFTokenizer.wrap`'s split."
@@ -179,13 +193,48 @@ class TokenStore:
         return self.offsets[idx + 1] - self.offsets[idx]
 
     def check_tokenizer(self, tfm: HFTokenizer, where: str = "the model"):
-        "Refuse a store whose ids come from another tokenizer than `tfm`'s."
-        if self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tfm):
+        """Refuse a store whose ids come from another tokenizer than `tfm`'s: another fingerprint, or ids beyond its
+        vocabulary (the recorded largest id); from then on `doc` refuses a document with such an id (damaged ids)."""
+        limit, top = id_limit(tfm), self.meta.get("max_id", -1)
+        if self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tfm) or top >= limit:
             raise UlmfitError(
                 f"{self.path}: this token store was made with another tokenizer "
-                f"({self.meta['tokenizer']['name']!r}, {self.meta['tokenizer']['vocab_size']} tokens) than "
-                f"{where}'s; build the store with that model's tokenizer (ulmfit-tx tokenize --model ...)"
+                f"({self.meta['tokenizer']['name']!r}, {self.meta['tokenizer']['vocab_size']} tokens"
+                + (f", ids up to {top}" if top >= limit else "")
+                + f") than {where}'s ({limit} ids); build the store with that model's tokenizer "
+                "(ulmfit-tx tokenize --model ...)"
             )
+        self.limit = limit
+
+    def verify(self) -> dict:
+        """Read every file back and check it: the checksums recorded when the store was built, offsets that rise from 0
+        to the token count, the largest id as recorded, pairs' first lengths and labels within bounds. Raises an
+        `UlmfitError` naming the first problem; returns what was checked."""
+        m, bad = self.meta, lambda what: UlmfitError(f"{self.path}: {what}; the store is damaged: build it again")
+        sums = m.get("checksums")
+        for name, want in (sums or {}).items():
+            if not (self.path / name).is_file():
+                raise bad(f"{name} is missing")
+            if file_digest(self.path / name) != want:
+                raise bad(f"{name} does not match its checksum (changed since it was built)")
+        off = self.offsets
+        if len(off) and (off[0] != 0 or off[-1] != m["n_tokens"] or (np.diff(off) < 0).any()):
+            raise bad("offsets.bin does not run from 0 to the token count")
+        top = max((int(self.ids[i : i + 2**24].max()) for i in range(0, len(self.ids), 2**24)), default=-1)
+        if "max_id" in m and top != m["max_id"]:
+            raise bad(f"its largest token id is {top}, not the {m['max_id']} recorded")
+        if self.limit is not None and top >= self.limit:
+            raise bad(f"its largest token id {top} is beyond the tokenizer's {self.limit} ids")
+        if self.firsts is not None and ((self.firsts < 0) | (self.firsts > self.lengths())).any():
+            raise bad("firsts.bin holds first-text lengths longer than their documents")
+        lab = self.labels
+        if self.task == SINGLE and len(lab) and (lab.min() < 0 or lab.max() >= len(self.classes)):
+            raise bad(f"labels.bin holds class ids outside 0..{len(self.classes) - 1}")
+        if self.task == MULTI and (lab > 1).any():
+            raise bad("labels.bin holds values other than 0 and 1")
+        if self.task == REGRESSION and not np.isfinite(lab).all():
+            raise bad("labels.bin holds values that are not numbers")
+        return {"documents": len(self), "tokens": m["n_tokens"], "max_id": top, "checksums": sums is not None}
 
     def check_pair(self, tfm: HFTokenizer):
         "Refuse a store of pairs of texts read by a single-text tokenizer transform `tfm`, or the reverse."
@@ -263,8 +312,7 @@ def build_store(
         raise UlmfitError(f"the label column cannot be a text column ({sorted(set(tcols) & set(lcols))[0]!r})")
     task = infer_task(task, lcols, label_delim) if lcols else None
     tfm = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
-    vocab = max(len(tfm.tok), max(tfm.tok.get_vocab().values()) + 1)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    dtype = np.uint16 if id_limit(tfm) <= 2**16 else np.uint32
     if is_hf_dataset(source):
         chunks = dataset_chunks(source, tcols, lcols or None, valid_col, chunk_rows)
         name = f"datasets.{type(source).__name__}"
@@ -284,7 +332,7 @@ def build_store(
         str(c): i for i, c in enumerate(classes or (lcols if task == MULTI and len(lcols) > 1 else []))
     }
     n_docs = n_tokens = 0
-    has_valid = False
+    max_id, has_valid = -1, False
     with atomic_dir(out, force) as tmp:
         with (
             open(tmp / FILES["ids"], "wb") as f_ids,
@@ -311,7 +359,9 @@ def build_store(
                     f_first.write(np.fromiter(map(len, ids), np.int32, len(ids)).tobytes())
                     ids = [a + b for a, b in zip(ids, tfm.token_ids(chunk["text_pair"].tolist(), chunk=len(chunk)))]
                 lens = np.fromiter(map(len, ids), np.int64, len(ids))
-                f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum())).tobytes())
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lens.sum()))
+                max_id = max(max_id, int(flat.max()) if flat.size else -1)
+                f_ids.write(flat.tobytes())
                 f_off.write((n_tokens + np.cumsum(lens)).tobytes())
                 if "is_valid" in chunk:
                     has_valid = True
@@ -340,6 +390,8 @@ def build_store(
             "label_delim": label_delim,
             "has_valid": has_valid,
             "pair": len(tcols) == 2,
+            "max_id": max_id,
+            "checksums": {f.name: file_digest(f) for f in sorted(tmp.glob("*.bin"))},
             "tokenizer": {
                 "fingerprint": tokenizer_fingerprint(tfm),
                 "name": tfm.tok.name_or_path,
@@ -465,12 +517,16 @@ def as_store(
         store.check_tokenizer(tfm)
         return store
     if isinstance(source, (str, os.PathLike)) and cache is not False:
-        return cached_store(source, tfm, cache, verbose, **opts)
-    tmp = Path(tempfile.mkdtemp(prefix="ulmfit_tx_store-"))
+        store = cached_store(source, tfm, cache, verbose, **opts)
+        store.check_tokenizer(tfm)
+        return store
+    remove_stale(tempfile.gettempdir(), "ulmfit_tx_store", say=False)  # those of killed runs
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("ulmfit_tx_store")))
     try:
         store = build_store(source, tfm, tmp / "store", progress=False, **opts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     weakref.finalize(store, shutil.rmtree, tmp, True)
+    store.check_tokenizer(tfm)
     return store

@@ -52,6 +52,16 @@ def _quiet_libraries(debug: bool):
     transformers.utils.logging.disable_progress_bar()
 
 
+def _no_space(e: Exception, a) -> str:
+    "The line for a full disk met outside the library's own writers (a logger, a cache): the file, or the output."
+    from ..files import AGAIN, disk_full
+
+    while e is not None and not getattr(e, "filename", None):
+        e = e.__cause__ or e.__context__
+    path = e.filename if e is not None else getattr(a, "out", None) or "the disk"
+    return str(disk_full(path, AGAIN))
+
+
 def main(argv=None) -> int:
     "Run one `ulmfit-tx` command; its exit code: 0, 2 for an error it names, 130 when interrupted."
     a = build_parser().parse_args(argv)
@@ -67,6 +77,13 @@ def main(argv=None) -> int:
         if a.debug:
             raise
         print(f"ulmfit-tx {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ..files import is_disk_full
+
+        if a.debug or not is_disk_full(e):
+            raise
+        print(f"ulmfit-tx {a.command}: error: {_no_space(e, a)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from ..checkpoint import Interrupted

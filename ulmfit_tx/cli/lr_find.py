@@ -27,7 +27,7 @@ def add_arguments(p):
 def run(a) -> dict:
     from fastai.torch_core import set_seed
 
-    from ..io import atomic_dir, check_out_dir
+    from ..files import atomic_dir, check_out_dir
     from ..plots import plot_lr_find
     from ..run import write_json
 

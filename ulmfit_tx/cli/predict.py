@@ -106,7 +106,7 @@ def run(a):
         return res
     import csv
 
-    from ..io import atomic_file
+    from ..files import atomic_file
 
     for i, (name, values) in enumerate(firsts):
         res.insert(i, name, values)

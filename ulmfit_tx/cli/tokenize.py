@@ -1,13 +1,13 @@
 "`ulmfit-tx tokenize`: a corpus as a token store (memory-mapped ids, offsets, labels) that every verb reads."
 
-from ._options import add_data, add_docs, add_labels, add_model, add_output, check_args, label_options
+from ._options import add_data, add_docs, add_labels, check_args, label_options
 
-HELP = "tokenize a corpus into a token store (memory-mapped ids, offsets, labels)"
+HELP = "tokenize a corpus into a token store (memory-mapped ids, offsets, labels), or check one (--verify)"
 
 
 def add_arguments(p):
-    add_model(p, "model folder or hub name whose tokenizer to use")
-    add_data(p, cache=False)
+    p.add_argument("--model", help="model folder or hub name whose tokenizer to use")
+    add_data(p, required=False, cache=False)
     p.add_argument(
         "--label-col",
         help="column(s) with the labels, stored by task (default: 'label' when the data has that column, as train-clf "
@@ -17,14 +17,45 @@ def add_arguments(p):
     add_labels(p)
     p.add_argument("--valid-col", default="is_valid", help="boolean column of validation rows, stored if present")
     add_docs(p)
-    add_output(p)
+    p.add_argument("--out", help="the token store folder to write (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--verify",
+        metavar="STORE",
+        help="instead of building: read the store back and check its checksums, offsets, ids and labels (with "
+        "--model: its ids are that tokenizer's)",
+    )
+
+
+def verify(a):
+    "`--verify STORE`: every file read back and checked; one line says what was found."
+    from ..store import TokenStore
+    from ..tokenize import HFTokenizer
+
+    store = TokenStore(a.verify)
+    if a.model:
+        store.check_tokenizer(HFTokenizer(a.model))
+    res = store.verify()
+    print(
+        f"token store {a.verify}: OK, {res['documents']:,} documents, {res['tokens']:,} tokens, largest id "
+        f"{res['max_id']}"
+        + (f" (within {a.model}'s {store.limit} ids)" if a.model else "")
+        + ("; checksums match" if res["checksums"] else "; no checksums recorded (built by an older ulmfit_tx)")
+    )
+    return res
 
 
 def run(a):
+    from ..errors import UlmfitError
     from ..io import has_column
     from ..store import build_store
     from ..tokenize import HFTokenizer
 
+    if a.verify:
+        return verify(a)
+    missing = [f"--{n}" for n in ("model", "data", "out") if getattr(a, n) is None]
+    if missing:
+        raise UlmfitError(f"tokenize needs {', '.join(missing)} (or --verify STORE to check a store)")
     check_args(a)
     if a.no_labels:
         a.label_col = None
