@@ -2,6 +2,7 @@
 (load_classifier(backend='onnx'))."""
 
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ import torch
 from ulmfit_tx import UlmfitError, clas_dataloaders, classifier_learner, load_classifier
 from ulmfit_tx.cli import main
 
-from .conftest import SEGMENT
+from .conftest import N_LAYERS, SEGMENT
 from .test_export import TEXTS, trained  # noqa: F401 (the module fixture: a trained roberta, pooling and native heads)
 from .test_training import keyword_task
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+onnx_format = pytest.importorskip("onnx")
 
 LONG = [
     "the film was wonderful " * 40,
@@ -51,6 +53,8 @@ def test_int8_graph_is_smaller_and_close(trained, tmp_path):  # noqa: F811
     bundle = learn.export_bundle(tmp_path / "bundle")
     fp32, int8 = learn.export_onnx(bundle / "model.onnx"), learn.export_onnx(bundle / "model.int8.onnx", int8=True)
     assert int8["mb"] < fp32["mb"] and int8["int8"]
+    ops = Counter(n.op_type for n in onnx_format.load(bundle / "model.int8.onnx").graph.node)
+    assert ops["MatMul"] == 2 * N_LAYERS  # attention's own two products stay float32: every linear layer is int8
     got = _probs(load_classifier(bundle, backend="onnx", int8=True), TEXTS)
     assert (got - _probs(learn, TEXTS)).abs().max() < 0.05  # quantized: close, not equal
     with pytest.raises(UlmfitError, match="backend='onnx'"):

@@ -59,15 +59,16 @@ def test_predict_health_and_metadata_answer_as_the_learner_predicts(trained):  #
         ({"texts": ["x"] * 5}, 413, "5 texts in one request; at most 4"),
         ({"text": "x" * 51}, 413, "a text of 51 characters; at most 50"),
         ({"text": "x" * 40, "pad": "y" * 2000}, 413, "request body over 1000 bytes"),
+        (iter([b'{"text": "', b"x" * 2000, b'"}']), 413, "request body over 1000 bytes"),  # chunked: no length
     ],
 )
 def test_bad_input_gets_a_4xx_json_answer(trained, body, status, detail):  # noqa: F811
     app = create_app(trained["pooling"], max_texts=4, max_chars=50, max_body=1000)
     with TestClient(app) as client:
-        if isinstance(body, bytes):
-            r = client.post("/predict", content=body, headers={"content-type": "application/json"})
-        else:
+        if isinstance(body, dict):
             r = client.post("/predict", json=body)
+        else:
+            r = client.post("/predict", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status and detail in json.dumps(r.json()["detail"]), r.text
 
 

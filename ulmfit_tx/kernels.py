@@ -174,7 +174,7 @@ class QKVProjection(nn.Linear):
         return out[0]
 
 
-_QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))  # BERT, RoBERTa, ALBERT; DistilBERT
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))  # BERT, RoBERTa, ALBERT; DistilBERT
 
 
 def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
@@ -184,7 +184,7 @@ def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
     for m in list(model.modules()):
         if "Cross" in type(m).__name__:
             continue
-        for names in _QKV_NAMES:
+        for names in QKV_NAMES:
             mods = [getattr(m, n, None) for n in names]
             if (
                 not all(isinstance(p, nn.Linear) for p in mods)

@@ -19,7 +19,7 @@ from ._version import __version__
 from .errors import UlmfitError
 from .tasks import MULTI, SINGLE
 
-__all__ = ["MicroBatcher", "create_app", "predictions"]
+__all__ = ["MicroBatcher", "BodyLimit", "create_app", "predictions"]
 
 EXTRA = "pip install 'ulmfit_tx[serve]'"  # fastapi and uvicorn
 
@@ -124,6 +124,36 @@ def predictions(learn, items: list) -> list[dict]:
     return res
 
 
+class BodyLimit:
+    """ASGI middleware: a request whose body is over `max_body` bytes gets a 413 with a JSON `detail`, whether it
+    declares its length (refused before it is read) or is sent in chunks (counted as they arrive)."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        over = f"request body over {self.max_body} bytes"
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_body):
+            return await JSONResponse({"detail": over}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # (raised inside FastAPI's body reading: answered as a 413)
+                raise HTTPException(413, over)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(
     model,  # A bundle folder (train-clf's output), or a loaded `ClassifierLearner`
     backend: str = "torch",  # "torch" or "onnx" (the bundle's ONNX graph)
@@ -201,12 +231,7 @@ def create_app(
     async def bad_input(request: Request, e: UlmfitError):  # what the model refuses is the input's fault
         return JSONResponse({"detail": str(e)}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
-            return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body=max_body)
 
     @app.post("/predict")
     async def predict(req: PredictRequest) -> dict:
