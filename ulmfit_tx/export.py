@@ -35,7 +35,7 @@ from .batching import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .files import atomic_dir, atomic_file, file_digest, temp_prefix
-from .kernels import QKV_NAMES, fuse_projections
+from .kernels import fuse_projections, qkv_projections
 from .models import PoolingClassifierConfig, SequenceClassifier, base_kwargs, label_maps
 from .store import tokenizer_fingerprint
 from .tasks import MULTI, REGRESSION, SINGLE, Task
@@ -467,17 +467,12 @@ def _graph_ready(model: SequenceClassifier, stack_qkv: bool = False) -> Sequence
         and m.hf._supports_attention_backend
     ):
         m.hf.set_attn_implementation("eager")
-    # float32: Q/K/V as `QKVProjection` (weights concatenated in the graph, folded by ONNX Runtime into one matrix
-    # product: faster than one stacked `Gemm`); int8: plain `nn.Linear`s first, then stacked below
     fuse_projections(m.hf, fuse=not stack_qkv)
+    for mod, names, lins in qkv_projections(m.hf) if stack_qkv else ():
+        stacked = _StackedQKV(lins)
+        for n, new in zip(names, [stacked, *stacked.others]):
+            setattr(mod, n, new)
     for mod in list(m.hf.modules()):
-        for names in QKV_NAMES:
-            lins = [getattr(mod, n, None) for n in names]
-            if stack_qkv and "Cross" not in type(mod).__name__ and all(type(p) is nn.Linear for p in lins):
-                if len({(p.in_features, p.bias is None) for p in lins}) == 1:
-                    fused = _StackedQKV(lins)
-                    for n, new in zip(names, [fused, *fused.others]):
-                        setattr(mod, n, new)
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
                 setattr(mod, name, _Linear2D(child))

@@ -29,6 +29,7 @@ __all__ = [
     "reuse_freed_memory",
     "QKVProjection",
     "fuse_projections",
+    "qkv_projections",
     "use_fast_kernels",
 ]
 
@@ -174,28 +175,31 @@ class QKVProjection(nn.Linear):
         return out[0]
 
 
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))  # BERT, RoBERTa, ALBERT; DistilBERT
+_QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))  # BERT, RoBERTa, ALBERT; DistilBERT
+
+
+def qkv_projections(model: nn.Module, kind: type = nn.Linear):
+    """The self-attentions of a Hugging Face model whose query, key and value are `kind` layers (an `nn.Linear`
+    subclass) of one input size, all with or all without bias: (attention module, their three names, the layers)."""
+    for m in list(model.modules()):
+        if "Cross" in type(m).__name__:
+            continue
+        for names in _QKV_NAMES:
+            mods = [getattr(m, n, None) for n in names]
+            if all(isinstance(p, kind) for p in mods) and len({(p.in_features, p.bias is None) for p in mods}) == 1:
+                yield m, names, mods
 
 
 def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Switch every self-attention of a Hugging Face model whose query, key and value are `nn.Linear`s of one
     input to `QKVProjection`s (or, `fuse=False`, back to plain `nn.Linear`s). Same parameters,
     outputs and gradients, one matrix product instead of three."""
-    for m in list(model.modules()):
-        if "Cross" in type(m).__name__:
-            continue
-        for names in QKV_NAMES:
-            mods = [getattr(m, n, None) for n in names]
-            if (
-                not all(isinstance(p, nn.Linear) for p in mods)
-                or len({(p.in_features, p.bias is None) for p in mods}) > 1
-            ):
-                continue
-            new = [_sharing(p, QKVProjection if fuse else nn.Linear) for p in mods]
-            if fuse:
-                new[0].siblings = new[1:]
-            for n, p in zip(names, new):
-                setattr(m, n, p)
+    for m, names, mods in qkv_projections(model):
+        new = [_sharing(p, QKVProjection if fuse else nn.Linear) for p in mods]
+        if fuse:
+            new[0].siblings = new[1:]
+        for n, p in zip(names, new):
+            setattr(m, n, p)
     return model
 
 

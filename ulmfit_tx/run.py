@@ -124,7 +124,7 @@ class Run:
                     self._keep_logs(tmp)
         except DiskFull as e:
             finish_reports(self.reports, failed=True)
-            raise disk_full(e.path, f"nothing was written; {self._resume_hint()}") from None
+            raise disk_full(e.path, f"nothing was written; {self._save_for_resume()}") from None
         except BaseException:
             finish_reports(self.reports, failed=True)
             self.checkpoint.save_deferred()
@@ -132,8 +132,8 @@ class Run:
         if not self.keep:
             self.checkpoint.remove()
 
-    def _resume_hint(self) -> str:
-        "What to do after the outputs could not be written for want of space: resume from the trained weights."
+    def _save_for_resume(self) -> str:
+        """After the outputs did not fit: write the trained weights' checkpoint if it fits, and say how to resume."""
         try:
             self.checkpoint.save_deferred()
             then = "to write the outputs from it"

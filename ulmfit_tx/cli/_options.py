@@ -30,8 +30,10 @@ DATA_FORMS = (
 )
 
 
-def add_model(p: argparse.ArgumentParser, help: str = "model folder (save_pretrained layout) or hub name"):
-    p.add_argument("--model", required=True, help=help)
+def add_model(
+    p: argparse.ArgumentParser, help: str = "model folder (save_pretrained layout) or hub name", required: bool = True
+):
+    p.add_argument("--model", required=required, help=help)
 
 
 def add_data(
@@ -164,8 +166,8 @@ def add_self_training(p: argparse.ArgumentParser):
     g.add_argument("--self-train-per-class", type=int, help="at most this many pseudo-labels per class and round")
 
 
-def add_output(p: argparse.ArgumentParser):
-    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+def add_output(p: argparse.ArgumentParser, required: bool = True):
+    p.add_argument("--out", required=required, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 

@@ -1,12 +1,12 @@
 "`ulmfit-tx tokenize`: a corpus as a token store (memory-mapped ids, offsets, labels) that every verb reads."
 
-from ._options import add_data, add_docs, add_labels, check_args, label_options
+from ._options import add_data, add_docs, add_labels, add_model, add_output, check_args, label_options
 
 HELP = "tokenize a corpus into a token store (memory-mapped ids, offsets, labels), or check one (--verify)"
 
 
 def add_arguments(p):
-    p.add_argument("--model", help="model folder or hub name whose tokenizer to use")
+    add_model(p, "model folder or hub name whose tokenizer to use", required=False)
     add_data(p, required=False, cache=False)
     p.add_argument(
         "--label-col",
@@ -17,8 +17,7 @@ def add_arguments(p):
     add_labels(p)
     p.add_argument("--valid-col", default="is_valid", help="boolean column of validation rows, stored if present")
     add_docs(p)
-    p.add_argument("--out", help="the token store folder to write (refused if it exists, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    add_output(p, required=False)
     p.add_argument(
         "--verify",
         metavar="STORE",
