@@ -267,7 +267,7 @@ class CheckpointCallback(Callback):
                 with contextlib.suppress(OSError):
                     self.folder.rmdir()
             hint = "the previous checkpoint is intact: free some space and rerun with --resume to continue from it"
-            raise disk_full(e.path, hint if had else f"no checkpoint was written: {AGAIN}") from None
+            raise disk_full(e.path, hint if had else f"no checkpoint was written: {AGAIN}", e.free) from None
 
     def save_deferred(self):
         "Write the checkpoint that `defer_last` held back (the run's trained weights), if there is one."

@@ -39,12 +39,15 @@ class DiskFull(UlmfitError):
     "No space was left where a file or folder was being written (`path`); nothing at its path was replaced."
 
     path: Path | None = None
+    free: int | None = None  # bytes free there when the write failed
 
 
-def disk_full(path, then: str) -> DiskFull:
-    "The `DiskFull` error of `path`: the space left there, then `then` (what became of the user's files, what to do)."
-    e = DiskFull(f"{path}: no space left on device ({_size(_free(path))} free there); {then}")
-    e.path = Path(path)
+def disk_full(path, then: str, free: int | None = None) -> DiskFull:
+    """The `DiskFull` error of `path`: the space left there (`free`, measured now if not given), then `then` (what
+    became of the user's files, what to do)."""
+    free = _free(path) if free is None else free
+    e = DiskFull(f"{path}: no space left on device ({_size(free)} free there); {then}")
+    e.path, e.free = Path(path), free
     return e
 
 

@@ -124,7 +124,7 @@ class Run:
                     self._keep_logs(tmp)
         except DiskFull as e:
             finish_reports(self.reports, failed=True)
-            raise disk_full(e.path, f"nothing was written; {self._save_for_resume()}") from None
+            raise disk_full(e.path, f"nothing was written; {self._save_for_resume()}", e.free) from None
         except BaseException:
             finish_reports(self.reports, failed=True)
             self.checkpoint.save_deferred()
