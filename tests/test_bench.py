@@ -67,6 +67,7 @@ def test_speed_benchmark_smoke(tmp_path):
     for side in ("serve_torch", "serve_onnx", "serve_pipeline"):
         assert serve[side]["samples_per_s"] > 0 and 0 < serve[side]["p50_ms"] <= serve[side]["p95_ms"]
         assert 0 <= serve[side]["accuracy"] <= 1 and serve[side]["peak_mb"] > 0
+    assert serve["serve_onnx"]["same_as_torch"] == 1.0  # float32 ONNX gives PyTorch's labels
     assert serve["serve_onnx"]["accuracy"] == serve["serve_torch"]["accuracy"] and "**4. Deployment**" in out
     for length, r in res.items():
         assert {c for c in SMOKE_CASES if not c.startswith("serve")} <= set(r)

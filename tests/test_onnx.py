@@ -1,21 +1,24 @@
 """ONNX export (learn.export_onnx, ulmfit-tx export-onnx) and serving it with ONNX Runtime
 (load_classifier(backend='onnx'))."""
 
+import copy
 import shutil
 from collections import Counter
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from ulmfit_tx import UlmfitError, clas_dataloaders, classifier_learner, load_classifier
 from ulmfit_tx.cli import main
 
-from .conftest import N_LAYERS, SEGMENT
+from .conftest import ARCHS, N_LAYERS, SEGMENT
 from .test_export import TEXTS, trained  # noqa: F401 (the module fixture: a trained roberta, pooling and native heads)
 from .test_training import keyword_task
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 onnx_format = pytest.importorskip("onnx")
+from ulmfit_tx.onnx_attention import fuse_attention  # noqa: E402 (needs the onnx extra)
 
 LONG = [
     "the film was wonderful " * 40,
@@ -54,7 +57,7 @@ def test_int8_graph_is_smaller_and_close(trained, tmp_path):  # noqa: F811
     fp32, int8 = learn.export_onnx(bundle / "model.onnx"), learn.export_onnx(bundle / "model.int8.onnx", int8=True)
     assert int8["mb"] < fp32["mb"] and int8["int8"]
     ops = Counter(n.op_type for n in onnx_format.load(bundle / "model.int8.onnx").graph.node)
-    assert ops["MatMul"] == 2 * N_LAYERS  # attention's own two products stay float32: every linear layer is int8
+    assert ops["QAttention"] == N_LAYERS and not ops["MatMul"] and not ops["Gemm"]  # every weight is int8
     got = _probs(load_classifier(bundle, backend="onnx", int8=True), TEXTS)
     assert (got - _probs(learn, TEXTS)).abs().max() < 0.05  # quantized: close, not equal
     with pytest.raises(UlmfitError, match="backend='onnx'"):
@@ -67,12 +70,38 @@ def test_every_architecture_exports_with_dynamic_batch_and_length(tiny_models, o
     learn = classifier_learner(clas_dataloaders(keyword_task(16), src, max_len=48, bs=8), src)
     res = learn.export_onnx(tmp_path / "m.onnx")  # checked on other batch sizes and lengths
     assert res["max_abs_diff"] < 1e-4
+    ops = Counter(n.op_type for n in onnx_format.load(tmp_path / "m.onnx").graph.node)
+    assert ops["Attention"] == (0 if arch == "scratch" else N_LAYERS)  # Hugging Face encoders: one node a layer
     torch.testing.assert_close(
         _probs(load_classifier(tmp_path / "m.onnx", backend="onnx"), TEXTS + LONG, bs=3),
         _probs(learn, TEXTS + LONG, bs=3),
         rtol=0,
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_attention_computes_what_the_encoder_computes(tiny_models, arch):
+    hf = AutoModel.from_pretrained(tiny_models[arch]).eval()
+    fused = copy.deepcopy(hf)
+    assert fuse_attention(fused) and fused.config._attn_implementation == "ulmfit_tx_onnx"
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padded at the end
+    mask[1, :4] = 0  # padded at the start
+    with torch.inference_mode():
+        want, got = (m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (hf, fused))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_portable_graph_holds_standard_operators_only(tiny_models, tmp_path):
+    src = tiny_models["bert"]
+    learn = classifier_learner(clas_dataloaders(keyword_task(16), src, max_len=48, bs=8), src)
+    assert learn.export_onnx(tmp_path / "p.onnx", portable=True)["max_abs_diff"] < 1e-4
+    onnx_format.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)  # any ONNX runtime can read it
+    assert {n.domain for n in onnx_format.load(tmp_path / "p.onnx").graph.node} == {""}
+    learn.export_onnx(tmp_path / "f.onnx")  # the default graph: ONNX Runtime's fused attention
+    assert "com.microsoft" in {n.domain for n in onnx_format.load(tmp_path / "f.onnx").graph.node}
 
 
 def test_memory_encoders_are_refused_with_the_reason(own_models, tmp_path):

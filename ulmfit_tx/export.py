@@ -35,7 +35,7 @@ from .batching import pad_batch
 from .encoders import MEMORY_MODEL_TYPES
 from .errors import UlmfitError
 from .files import atomic_dir, atomic_file, file_digest, temp_prefix
-from .kernels import fuse_projections, qkv_projections
+from .kernels import fuse_projections
 from .models import PoolingClassifierConfig, SequenceClassifier, base_kwargs, label_maps
 from .store import tokenizer_fingerprint
 from .tasks import MULTI, REGRESSION, SINGLE, Task
@@ -408,9 +408,8 @@ def _quiet():
 
 class _Linear2D(nn.Module):
     """`nn.Linear` as one matrix product of a 2-D input with the bias added in it (`addmm`): x (..., I) -> (N, I) ->
-    (N, O) -> (..., O). Exported, it is a `Gemm` (bias fused) where a 3-D input gives `MatMul` then `Add`; on MiniLM
-    at 256 tokens the graph serves about 15% faster in float32, and its int8 form (quantized from the `Gemm`s) about
-    1.5x faster."""
+    (N, O) -> (..., O). Exported, it is a `Gemm` (bias fused) where a 3-D input gives `MatMul` then `Add`: faster in
+    ONNX Runtime, and what its int8 quantizer quantizes (docs/deploy.md)."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -422,56 +421,20 @@ class _Linear2D(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-class _StackedQKV(nn.Module):
-    """A self-attention's query, key and value as one 2-D product with their weights stacked, (N, I) -> (N, 3 O): the
-    query's output is returned, the key's and value's are handed to their `_Handed` stand-ins (`others`)."""
+def _graph_ready(model: SequenceClassifier, fused: bool = True) -> SequenceClassifier:
+    """A CPU copy of `model` in eval mode for the exporter: a Hugging Face encoder's self-attentions as ONNX
+    Runtime's fused `Attention` node where they can be (`fused` and `fuse_attention`), else in their plain form
+    (matrix product, additive mask, softmax; SDPA's boolean-mask form exports as slow `Where`/`IsNaN` nodes); its
+    other linear layers as 2-D products (`_Linear2D`), which ONNX Runtime's int8 quantizer quantizes."""
+    from .onnx_attention import fuse_attention
 
-    def __init__(self, lins: list):
-        super().__init__()
-        self.sizes = [m.out_features for m in lins]
-        self.weight = nn.Parameter(torch.cat([m.weight for m in lins]).detach())  # (3 O, I)
-        self.bias = None if lins[0].bias is None else nn.Parameter(torch.cat([m.bias for m in lins]).detach())
-        self.others = [_Handed() for _ in lins[1:]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, I)
-        y = x2 @ self.weight.t() if self.bias is None else torch.addmm(self.bias, x2, self.weight.t())  # (N, 3 O)
-        q, *kv = (o.reshape(*x.shape[:-1], o.shape[-1]) for o in y.split(self.sizes, -1))  # each (..., O)
-        for m, o in zip(self.others, kv):
-            m.handed = (x, o)
-        return q
-
-
-class _Handed(nn.Module):
-    "Key or value in a `_StackedQKV`: returns the slice the query's product handed it for the same input."
-
-    handed: tuple | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        handed, self.handed = self.handed, None
-        if handed is None or handed[0] is not x:
-            raise RuntimeError("a stacked key/value projection was called without its query on the same input")
-        return handed[1]
-
-
-def _graph_ready(model: SequenceClassifier, stack_qkv: bool = False) -> SequenceClassifier:
-    """A CPU copy of `model` in eval mode for the exporter: a Hugging Face encoder's attention switched to the plain
-    kind (matrix product, additive mask, softmax; SDPA's boolean-mask form becomes `Where`/`IsNaN` nodes that took over
-    a quarter of ONNX Runtime's time on MiniLM), and its linear layers as 2-D products (`_Linear2D`). With `stack_qkv`
-    each self-attention's query, key and value are one product whose stacked weights are one initializer
-    (`_StackedQKV`), which ONNX Runtime's int8 quantizer quantizes; without it they are `QKVProjection`s, whose
-    weights are concatenated inside the graph (faster in float32, but left unquantized by the int8 quantizer)."""
     m = copy.deepcopy(model).cpu().eval()
-    if (
+    fuse_projections(m.hf, fuse=False)
+    if not (fused and fuse_attention(m.hf)) and (
         getattr(m.hf.config, "_attn_implementation", None) in ("sdpa", "ulmfit_tx")
         and m.hf._supports_attention_backend
     ):
         m.hf.set_attn_implementation("eager")
-    fuse_projections(m.hf, fuse=not stack_qkv)
-    for mod, names, lins in qkv_projections(m.hf) if stack_qkv else ():
-        stacked = _StackedQKV(lins)
-        for n, new in zip(names, [stacked, *stacked.others]):
-            setattr(mod, n, new)
     for mod in list(m.hf.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
@@ -571,12 +534,16 @@ def export_onnx(
     int8: bool = False,  # Quantize the weights of the matrix products to int8 (ONNX Runtime, dynamic, per channel)
     texts: list | None = None,  # Texts (pair models: pairs) to check the graph on (default: `sample_inputs`)
     force: bool = False,  # Replace an existing file at `path`
+    portable: bool = False,  # Standard ONNX operators only (attention unfused): for runtimes other than ONNX Runtime
 ) -> dict:
     """Write the classifier as an ONNX graph (`torch.onnx`, dynamic batch and length, the attention mask read from
-    the padding inside the graph), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else
+    the padding inside the graph, a Hugging Face encoder's self-attention as ONNX Runtime's fused `Attention` node
+    unless `portable`), check it against PyTorch on `texts` (float32: probabilities within 1e-4, else
     nothing is written), and keep the config, tokenizer and `ulmfit_tx.json` beside it. Returns the file, its
     size, the seconds taken, the largest probability difference and the share of equal labels."""
     ort = _require_onnx()
+    from .onnx_attention import ONNX_TRANSLATIONS
+
     mt, path = model.hf.config.model_type, Path(path)
     if mt in MEMORY_MODEL_TYPES:
         raise UlmfitError(
@@ -593,7 +560,7 @@ def export_onnx(
     t0 = time.perf_counter()
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as work:
         beside = _stage_beside(path.parent, model, tfm, task, Path(work) / "beside")
-        m, fp32 = _graph_ready(model, stack_qkv=int8), Path(work) / "model.onnx" if int8 else tmp
+        m, fp32 = _graph_ready(model, fused=not portable), Path(work) / "model.onnx" if int8 else tmp
         example = pad_batch(
             tfm.encode_batch(sample_inputs(tfm)[1:3]), tfm.pad_id, tfm.pad_first
         )  # (2, L): sizes 0 and 1 would be fixed
@@ -607,6 +574,7 @@ def export_onnx(
                     output_names=["logits"],
                     dynamo=True,
                     dynamic_shapes=dims,
+                    custom_translation_table=ONNX_TRANSLATIONS,
                     verbose=False,
                 ).save(str(fp32))
         except Exception as e:

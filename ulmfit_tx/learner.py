@@ -202,11 +202,13 @@ class ClassifierLearner(HFLearner):
         in safetensors, tokenizer, `ulmfit_tx.json`); `export()` stays for fastai's `load_learner`."""
         return export_bundle(self.model, self.tokenizer, self.task, path, force)
 
-    def export_onnx(self, path, int8: bool = False, texts: list[str] | None = None, force: bool = False) -> dict:
-        """The classifier as an ONNX file at `path` (int8: quantized weights) with the tokenizer and `ulmfit_tx.json`
-        beside it, checked against PyTorch on `texts`; `load_classifier(folder, backend="onnx")` serves it. See
-        `ulmfit_tx.export.export_onnx`."""
-        return export_onnx(self.model, self.tokenizer, self.task, path, int8, texts, force)
+    def export_onnx(
+        self, path, int8: bool = False, texts: list[str] | None = None, force: bool = False, portable: bool = False
+    ) -> dict:
+        """The classifier as an ONNX file at `path` (int8: quantized weights; portable: standard operators only) with
+        the tokenizer and `ulmfit_tx.json` beside it, checked against PyTorch on `texts`;
+        `load_classifier(folder, backend="onnx")` serves it. See `ulmfit_tx.export.export_onnx`."""
+        return export_onnx(self.model, self.tokenizer, self.task, path, int8, texts, force, portable)
 
     def write_pretrained(self, folder, model=None) -> Path:
         """Write the classifier into `folder` as a Hugging Face folder for `AutoModelForSequenceClassification` and

@@ -14,6 +14,12 @@ def add_arguments(p):
         "the config, tokenizer and ulmfit_tx.json are kept beside it",
     )
     p.add_argument("--force", action="store_true", help="replace an existing ONNX file")
+    p.add_argument(
+        "--portable",
+        action="store_true",
+        help="standard ONNX operators only, for runtimes other than ONNX Runtime (by default a Hugging Face "
+        "encoder's self-attention is ONNX Runtime's fused Attention node)",
+    )
 
 
 def run(a) -> dict:
@@ -23,7 +29,7 @@ def run(a) -> dict:
     from ..learner import load_classifier
 
     out = a.out or Path(a.model) / ONNX_FILES[a.int8]
-    res = load_classifier(a.model).export_onnx(out, a.int8, force=a.force)
+    res = load_classifier(a.model).export_onnx(out, a.int8, force=a.force, portable=a.portable)
     print(
         f"{'int8' if a.int8 else 'float32'} ONNX model ({res['mb']:.1f} MB) in {res['seconds']:.1f}s -> {out}\n"
         f"checked against PyTorch on sample texts: probabilities within {res['max_abs_diff']:.1e}, "
