@@ -178,15 +178,16 @@ class QKVProjection(nn.Linear):
 _QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))  # BERT, RoBERTa, ALBERT; DistilBERT
 
 
-def qkv_projections(model: nn.Module, kind: type = nn.Linear):
-    """The self-attentions of a Hugging Face model whose query, key and value are `kind` layers (an `nn.Linear`
-    subclass) of one input size, all with or all without bias: (attention module, their three names, the layers)."""
+def qkv_projections(model: nn.Module):
+    """The self-attentions of a Hugging Face model whose query, key and value are `nn.Linear` layers of one input
+    size, all with or all without bias: (attention module, their three names, the layers)."""
     for m in list(model.modules()):
         if "Cross" in type(m).__name__:
             continue
         for names in _QKV_NAMES:
             mods = [getattr(m, n, None) for n in names]
-            if all(isinstance(p, kind) for p in mods) and len({(p.in_features, p.bias is None) for p in mods}) == 1:
+            linear = all(isinstance(p, nn.Linear) for p in mods)
+            if linear and len({(p.in_features, p.bias is None) for p in mods}) == 1:
                 yield m, names, mods
 
 
